@@ -1,0 +1,22 @@
+"""`python -m framework validate RECIPE [overrides]`: print the resolved recipe or its errors."""
+
+from __future__ import annotations
+
+import sys
+
+COMMANDS = ("validate",)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in COMMANDS:
+        got = argv[0] if argv else "nothing"
+        print(f"error: command {got!r}: choices are {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    from framework.cli import validate_main
+
+    return validate_main(argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

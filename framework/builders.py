@@ -1,0 +1,60 @@
+"""Builders: recipe sections to objects (accelerator, model, optimizer, scheduler)."""
+
+from __future__ import annotations
+
+import torch
+
+from framework.schema import BackendConfig, ModelConfig, OptimizerConfig, ScheduleConfig
+
+_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
+
+
+def resolve_precision(requested: str, cuda: bool) -> tuple[str, str | None]:
+    """Precision to run with and, when it differs from the request, why."""
+    if requested == "fp16" and not cuda:
+        return "fp32", "backend.precision = 'fp16' needs a GPU; running in fp32 on CPU"
+    return requested, None
+
+
+def create_accelerator(cfg: BackendConfig):
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    cuda = torch.cuda.is_available()
+    precision, note = resolve_precision(cfg.precision, cuda)
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=cfg.find_unused_parameters)
+    # On a CPU machine a plain Accelerator under a multi-process launch tells every rank it is
+    # rank 0 of 1; cpu=True gives MULTI_CPU over gloo with real ranks.
+    accelerator = Accelerator(cpu=not cuda, mixed_precision=_PRECISION[precision], kwargs_handlers=[ddp])
+    if note and accelerator.is_main_process:
+        print(f"note: {note}", flush=True)
+    return accelerator, precision
+
+
+def create_model(cfg: ModelConfig):
+    import timm
+
+    kwargs = dict(num_classes=cfg.num_classes, in_chans=cfg.in_chans, drop_rate=cfg.drop_rate, drop_path_rate=cfg.drop_path_rate)
+    if cfg.pretrained_file:
+        # Only a local file: the classifier is dropped by timm when num_classes differs.
+        return timm.create_model(cfg.name, pretrained=True, pretrained_cfg_overlay=dict(file=cfg.pretrained_file), **kwargs)
+    return timm.create_model(cfg.name, pretrained=False, **kwargs)
+
+
+def create_optimizer(cfg: OptimizerConfig, model):
+    from timm.optim import create_optimizer_v2
+
+    # timm passes momentum only to optimizers that take one
+    return create_optimizer_v2(model, opt=cfg.name, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum)
+
+
+def create_scheduler(cfg: ScheduleConfig, optimizer, updates_per_epoch: int):
+    """A timm scheduler stepped per update (`step_update`) and per epoch (`step`)."""
+    from timm.scheduler import create_scheduler_v2
+
+    scheduler, _ = create_scheduler_v2(
+        optimizer, sched=cfg.name, num_epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs, warmup_lr=cfg.warmup_lr,
+        min_lr=cfg.min_lr, decay_epochs=cfg.decay_epochs, decay_rate=cfg.decay_rate,
+        step_on_epochs=False, updates_per_epoch=updates_per_epoch,
+    )
+    return scheduler

@@ -1,0 +1,136 @@
+"""Datasets and loaders through timm's pipeline, sharded across processes.
+
+Train: each process draws a distinct shard (DistributedSampler, drop_last, reseeded per epoch).
+Eval: every process runs the same number of batches (collectives inside a forward, as
+under ZeRO-3, must not hang); the padding a sampler adds carries target -1 and is never counted.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from framework.schema import DataConfig
+
+DIGITS_VERSION = "v1"  # bump when the split or encoding changes: invalidates caches
+DIGITS_VAL_FRACTION = 0.2
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "bnswa"
+
+
+def ensure_digits_folder(cache_dir: Path | None = None) -> Path:
+    """Write scikit-learn's 8x8 digits once as `train/<class>/*.png` and `val/<class>/*.png`.
+
+    The split is fixed (stratified, seed 0). Written to a temporary folder and renamed, so
+    concurrent processes and interrupted writes never leave a half-written cache.
+    """
+    root = (cache_dir or default_cache_dir()) / f"digits-{DIGITS_VERSION}"
+    if (root / "train").is_dir() and (root / "val").is_dir():
+        return root
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    images = (digits.images * (255.0 / 16.0)).round().astype(np.uint8)
+    idx = np.arange(len(images))
+    train_idx, val_idx = train_test_split(idx, test_size=DIGITS_VAL_FRACTION, random_state=0, stratify=digits.target)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".digits-", dir=root.parent))
+    for split, ids in (("train", train_idx), ("val", val_idx)):
+        for i in ids:
+            folder = tmp / split / str(digits.target[i])
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(images[i], mode="L").save(folder / f"{i:04d}.png")
+    try:
+        tmp.rename(root)
+    except OSError:  # another process won the race
+        shutil.rmtree(tmp, ignore_errors=True)
+    return root
+
+
+class SyntheticDataset(Dataset):
+    """Fixed random tensors (already normalised) for throughput benchmarks."""
+
+    def __init__(self, size: int, image_size: int, num_classes: int, in_chans: int, seed: int):
+        g = torch.Generator().manual_seed(seed)
+        self.images = torch.randn(size, in_chans, image_size, image_size, generator=g)
+        self.targets = torch.randint(0, num_classes, (size,), generator=g)
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i):
+        return self.images[i], int(self.targets[i])
+
+
+class PaddedEval(Dataset):
+    """Pads a dataset to a multiple of the world size; padded items have target -1."""
+
+    def __init__(self, dataset: Dataset, world_size: int):
+        self.dataset = dataset
+        self.real = len(dataset)
+        self.total = -(-self.real // world_size) * world_size
+
+    def __len__(self) -> int:
+        return self.total
+
+    def __getitem__(self, i):
+        image, target = self.dataset[i % self.real]
+        return image, target if i < self.real else -1
+
+
+@dataclass
+class Loaders:
+    train: DataLoader
+    val: DataLoader
+    train_sampler: DistributedSampler
+    num_val_images: int
+
+
+def _resolve_norm(cfg: DataConfig, model) -> tuple[tuple, tuple]:
+    pretrained = getattr(model, "pretrained_cfg", {}) or {}
+    mean = tuple(cfg.mean or pretrained.get("mean", (0.485, 0.456, 0.406)))
+    std = tuple(cfg.std or pretrained.get("std", (0.229, 0.224, 0.225)))
+    return mean, std
+
+
+def create_datasets(cfg: DataConfig, model, num_classes: int, in_chans: int, seed: int):
+    if cfg.source == "synthetic":
+        make = lambda n, s: SyntheticDataset(n, cfg.image_size, num_classes, in_chans, s)  # noqa: E731
+        return make(cfg.synthetic_train_size, seed), make(cfg.synthetic_val_size, seed + 1)
+    from timm.data import create_dataset, create_transform
+
+    root = ensure_digits_folder(Path(cfg.root) if cfg.root else None) if cfg.source == "digits" else Path(cfg.root)
+    mean, std = _resolve_norm(cfg, model)
+    aug = cfg.augment
+    train_tf = create_transform(
+        cfg.image_size, is_training=True, scale=tuple(aug.scale), ratio=tuple(aug.ratio),
+        hflip=aug.hflip, color_jitter=aug.color_jitter, mean=mean, std=std,
+    )
+    # crop_pct=1: evaluate on the whole (tiny) image rather than a center crop
+    eval_tf = create_transform(cfg.image_size, is_training=False, crop_pct=1.0, mean=mean, std=std)
+    mode = "L" if in_chans == 1 else "RGB"
+    train = create_dataset("", root=str(root), split=cfg.train_split, is_training=True, input_img_mode=mode, transform=train_tf)
+    val = create_dataset("", root=str(root), split=cfg.val_split, input_img_mode=mode, transform=eval_tf)
+    return train, val
+
+
+def create_loaders(cfg: DataConfig, train_ds, val_ds, rank: int, world_size: int, seed: int, pin_memory: bool) -> Loaders:
+    train_sampler = DistributedSampler(train_ds, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
+    padded = PaddedEval(val_ds, world_size)
+    val_sampler = DistributedSampler(padded, num_replicas=world_size, rank=rank, shuffle=False)
+    common = dict(num_workers=cfg.workers, pin_memory=pin_memory, persistent_workers=cfg.workers > 0)
+    g = torch.Generator().manual_seed(seed + rank)  # worker seeds: distinct per rank, fixed per run
+    train = DataLoader(train_ds, batch_size=cfg.batch_size, sampler=train_sampler, drop_last=True, generator=g, **common)
+    val = DataLoader(padded, batch_size=cfg.eval_batch_size, sampler=val_sampler, **common)
+    return Loaders(train=train, val=val, train_sampler=train_sampler, num_val_images=len(val_ds))

@@ -1,0 +1,120 @@
+"""Recipe files to a validated `Recipe`: inheritance, command-line overrides, checks.
+
+A recipe may name `base: other.yaml` (relative to itself) and hold only its differences.
+Overrides come as `a.b=1` or `--a.b=1` (the two forms a wandb sweep agent passes);
+values are parsed as YAML scalars. Everything here runs before any process group starts.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+from framework.errors import RecipeError
+from framework.schema import Recipe, convert_section, field_paths, suggest, to_dict
+from framework.yaml_io import load_yaml_file, parse_scalar
+
+SCHEDULERS = ("cosine", "tanh", "step", "multistep", "plateau", "poly")
+MAX_BASE_DEPTH = 8
+
+
+def parse_overrides(args: list[str]) -> list[tuple[str, object]]:
+    out = []
+    for arg in args:
+        text = arg[2:] if arg.startswith("--") else arg
+        key, sep, raw = text.partition("=")
+        if not sep or not key or any(c.isspace() for c in key):
+            raise RecipeError(f"override {arg!r}: expected key=value or --key=value (e.g. optimizer.lr=0.05)")
+        out.append((key, parse_scalar(raw)))
+    return out
+
+
+def _merge(base: dict, top: dict) -> dict:
+    merged = copy.deepcopy(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def load_raw(path: Path, _chain: tuple[Path, ...] = ()) -> dict:
+    path = path.resolve()
+    if path in _chain:
+        raise RecipeError(f"{path}: recipe inheritance cycle: {' -> '.join(p.name for p in (*_chain, path))}")
+    if len(_chain) >= MAX_BASE_DEPTH:
+        raise RecipeError(f"{path}: recipe inheritance deeper than {MAX_BASE_DEPTH} levels")
+    data = load_yaml_file(path)
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise RecipeError(f"{path}: base = {base!r}: expected the file name of a base recipe")
+    return _merge(load_raw(path.parent / base, (*_chain, path)), data)
+
+
+def apply_override(data: dict, key: str, value) -> None:
+    valid = field_paths(Recipe)
+    if key not in valid:
+        raise RecipeError(f"override {key}: unknown key{suggest(key, valid)}")
+    node = data
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise RecipeError(f"override {key}: '{part}' is {child!r}, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _check_semantics(r: Recipe, errors: list[str]) -> None:
+    import timm  # slow import: only once the schema has passed
+    import timm.optim
+
+    if not timm.is_model(r.model.name):
+        errors.append(f"model.name = {r.model.name!r}: not a timm model{suggest(r.model.name, timm.list_models())}")
+    if r.model.pretrained_file is not None and not Path(r.model.pretrained_file).is_file():
+        errors.append(f"model.pretrained_file = {r.model.pretrained_file!r}: file not found (weights are never downloaded)")
+    if r.optimizer.name.lower() not in timm.optim.list_optimizers():
+        errors.append(f"optimizer.name = {r.optimizer.name!r}: not a timm optimizer{suggest(r.optimizer.name, timm.optim.list_optimizers())}")
+    if r.schedule.name not in SCHEDULERS:
+        errors.append(f"schedule.name = {r.schedule.name!r}: choices are {', '.join(SCHEDULERS)}")
+    if r.schedule.warmup_epochs >= r.schedule.epochs:
+        errors.append(f"schedule.warmup_epochs = {r.schedule.warmup_epochs}: must be < schedule.epochs ({r.schedule.epochs})")
+    d = r.data
+    if d.source == "folder":
+        if d.root is None:
+            errors.append("data.root = None: source 'folder' needs an image folder with train and val splits")
+        else:
+            for split in (d.train_split, d.val_split):
+                if not (Path(d.root) / split).is_dir():
+                    errors.append(f"data.root = {d.root!r}: folder {Path(d.root) / split} not found (data.{'train' if split == d.train_split else 'val'}_split = {split!r})")
+    for key, pair in (("scale", d.augment.scale), ("ratio", d.augment.ratio)):
+        if len(pair) != 2 or not 0 < pair[0] <= pair[1]:
+            errors.append(f"data.augment.{key} = {pair!r}: expected [low, high] with 0 < low <= high")
+    for key in ("mean", "std"):
+        value = getattr(d, key)
+        if value is not None and len(value) != r.model.in_chans:
+            errors.append(f"data.{key} = {value!r}: expected {r.model.in_chans} values (model.in_chans)")
+
+
+def resolve_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    """Load, merge, override and validate. Raises RecipeError listing every problem."""
+    path = Path(path)
+    data = load_raw(path)
+    for key, value in parse_overrides(list(overrides)):
+        apply_override(data, key, value)
+    data.setdefault("name", path.stem)
+    errors: list[str] = []
+    recipe = convert_section(Recipe, data, errors)
+    if not errors:
+        _check_semantics(recipe, errors)
+    if errors:
+        raise RecipeError(errors[0], errors)
+    recipe.output.dir = recipe.output.dir.replace("${name}", recipe.name)
+    return recipe
+
+
+def recipe_to_dict(recipe: Recipe) -> dict:
+    return to_dict(recipe)

@@ -1,0 +1,226 @@
+"""Typed recipe sections and a strict converter from plain YAML data to them.
+
+Each section is a dataclass; a field's metadata may carry `ge`/`gt`/`le` bounds,
+`choices` and a `doc`. `convert_section` turns a mapping into the dataclass and
+collects one self-contained line per problem, each naming the dotted key.
+Later sections (averaging, bn) are added by writing a dataclass and listing it in `Recipe`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+
+def spec(default: Any = dataclasses.MISSING, *, ge=None, gt=None, le=None, doc: str = "", factory=None):
+    meta = {"ge": ge, "gt": gt, "le": le, "doc": doc}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    name: str = spec(doc="any timm model name")
+    num_classes: int = spec(ge=1)
+    in_chans: int = spec(3, ge=1)
+    drop_rate: float = spec(0.0, ge=0.0, le=1.0)
+    drop_path_rate: float = spec(0.0, ge=0.0, le=1.0)
+    pretrained_file: str | None = spec(None, doc="local weights file; nothing is downloaded")
+
+
+@dataclass(kw_only=True)
+class AugmentConfig:
+    scale: list[float] = spec(factory=lambda: [0.08, 1.0], doc="RandomResizedCrop scale range")
+    ratio: list[float] = spec(factory=lambda: [0.75, 1.3333333])
+    hflip: float = spec(0.5, ge=0.0, le=1.0)
+    color_jitter: float = spec(0.0, ge=0.0)
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    source: Literal["digits", "folder", "synthetic"] = spec("digits")
+    root: str | None = spec(None, doc="image folder with train/ and val/ (source=folder); cache dir (digits)")
+    train_split: str = spec("train")
+    val_split: str = spec("val")
+    image_size: int = spec(32, ge=8)
+    batch_size: int = spec(64, ge=1, doc="per process")
+    eval_batch_size: int = spec(256, ge=1, doc="per process")
+    workers: int = spec(0, ge=0)
+    synthetic_train_size: int = spec(2048, ge=1)
+    synthetic_val_size: int = spec(512, ge=1)
+    mean: list[float] | None = spec(None, doc="defaults to the model's pretrained config")
+    std: list[float] | None = spec(None)
+    augment: AugmentConfig = spec(factory=AugmentConfig)
+
+
+@dataclass(kw_only=True)
+class OptimizerConfig:
+    name: str = spec("sgd", doc="any timm optimizer (timm.optim.list_optimizers())")
+    lr: float = spec(0.1, gt=0.0)
+    weight_decay: float = spec(0.0, ge=0.0)
+    momentum: float = spec(0.9, ge=0.0, le=1.0)
+    clip_grad: float | None = spec(None, gt=0.0)
+
+
+@dataclass(kw_only=True)
+class ScheduleConfig:
+    name: str = spec("cosine", doc="any timm scheduler (cosine, step, multistep, plateau, poly, tanh)")
+    epochs: int = spec(10, ge=1)
+    warmup_epochs: int = spec(0, ge=0)
+    warmup_lr: float = spec(1.0e-5, ge=0.0)
+    min_lr: float = spec(0.0, ge=0.0)
+    decay_epochs: float = spec(30.0, gt=0.0, doc="step schedulers")
+    decay_rate: float = spec(0.1, gt=0.0)
+
+
+@dataclass(kw_only=True)
+class BackendConfig:
+    type: Literal["ddp"] = spec("ddp", doc="deepspeed arrives with its own issue")
+    precision: Literal["fp32", "bf16", "fp16"] = spec("fp32", doc="fp16 falls back to fp32 on CPU")
+    find_unused_parameters: bool = spec(False)
+
+
+@dataclass(kw_only=True)
+class WandbConfig:
+    mode: Literal["auto", "online", "offline", "disabled"] = spec("auto", doc="auto: online with an API key, else offline")
+    project: str = spec("bnswa")
+    entity: str | None = spec(None)
+    name: str | None = spec(None, doc="run name; defaults to the recipe's name")
+    tags: list[str] = spec(factory=list)
+
+
+@dataclass(kw_only=True)
+class LoggingConfig:
+    wandb: WandbConfig = spec(factory=WandbConfig)
+    progress: bool = spec(True, doc="progress bar on the main process (always off when CI=true)")
+
+
+@dataclass(kw_only=True)
+class OutputConfig:
+    dir: str = spec("runs/${name}", doc="where the run writes; ${name} is the recipe's name")
+
+
+@dataclass(kw_only=True)
+class Recipe:
+    name: str = spec(doc="defaults to the recipe file's name")
+    seed: int = spec(0, ge=0)
+    model: ModelConfig = spec()
+    data: DataConfig = spec(factory=DataConfig)
+    optimizer: OptimizerConfig = spec(factory=OptimizerConfig)
+    schedule: ScheduleConfig = spec(factory=ScheduleConfig)
+    backend: BackendConfig = spec(factory=BackendConfig)
+    logging: LoggingConfig = spec(factory=LoggingConfig)
+    output: OutputConfig = spec(factory=OutputConfig)
+
+
+def _type_name(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false", type(None): "null"}[tp]
+
+
+def _convert(value: Any, tp, key: str, errors: list[str]) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            errors.append(f"{key} = {value!r}: expected a mapping (section {tp.__name__})")
+            return None
+        return convert_section(tp, value, errors, prefix=key + ".")
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        if len(inner) == 1:
+            sub: list[str] = []
+            out = _convert(value, inner[0], key, sub)
+            if sub:
+                errors.append(f"{key} = {value!r}: expected {_type_name(tp)}")
+            return out
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed or isinstance(value, bool):
+            errors.append(f"{key} = {value!r}: choices are {', '.join(repr(a) for a in allowed)}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            errors.append(f"{key} = {value!r}: expected {_type_name(tp)}")
+            return value
+        return [_convert(v, typing.get_args(tp)[0], f"{key}[{i}]", errors) for i, v in enumerate(value)]
+    ok = {
+        bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, (int, float)) and not isinstance(value, bool),
+        str: isinstance(value, str),
+    }[tp]
+    if not ok:
+        errors.append(f"{key} = {value!r}: expected {_type_name(tp)}")
+        return value
+    return float(value) if tp is float else value
+
+
+def _check_bounds(value: Any, meta, key: str, errors: list[str]) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return
+    if value != value:  # NaN passes every comparison below
+        errors.append(f"{key} = {value!r}: must be a finite number")
+    for bound, ok, words in (("ge", lambda b: value >= b, ">="), ("gt", lambda b: value > b, ">"), ("le", lambda b: value <= b, "<=")):
+        b = meta.get(bound)
+        if b is not None and not ok(b):
+            errors.append(f"{key} = {value!r}: must be {words} {b}")
+
+
+def suggest(key: str, choices) -> str:
+    close = difflib.get_close_matches(key, list(choices), n=1, cutoff=0.6)
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
+def convert_section(cls, data: dict, errors: list[str], prefix: str = ""):
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in fields:
+            errors.append(
+                f"{prefix}{key}: unknown key{suggest(str(key), fields)} (valid keys in "
+                f"{prefix.rstrip('.') or 'the recipe'}: {', '.join(fields)})"
+            )
+    kwargs = {}
+    for name, f in fields.items():
+        key = prefix + name
+        if name in data:
+            value = _convert(data[name], hints[name], key, errors)
+            _check_bounds(value, f.metadata, key, errors)
+            kwargs[name] = value
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            errors.append(f"{key}: required key is missing ({_type_name(hints[name])})")
+    try:
+        return cls(**kwargs)
+    except TypeError:  # a required key was missing; already reported
+        return None
+
+
+def to_dict(obj) -> dict:
+    return dataclasses.asdict(obj)
+
+
+def field_paths(cls, prefix: str = "") -> list[str]:
+    """Every valid dotted key, for override suggestions."""
+    out = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        out.append(prefix + f.name)
+        if dataclasses.is_dataclass(hints[f.name]):
+            out.extend(field_paths(hints[f.name], prefix + f.name + "."))
+    return out

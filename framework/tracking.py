@@ -1,0 +1,101 @@
+"""Run files and wandb, on the main process only.
+
+`output.dir` gets `recipe.yaml` (the resolved recipe), `metrics.jsonl` (one record per
+epoch, the same keys wandb gets) and `summary.json` (written last, atomically).
+"""
+
+from __future__ import annotations
+
+import json
+import netrc
+import os
+import re
+from pathlib import Path
+
+from framework.yaml_io import dump_yaml
+
+SECRET_NAME = re.compile(r"(_KEY|_TOKEN|_SECRET|PASSWORD)$", re.I)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write to a temporary name, fsync, rename: readers see the old file or the new one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def scrub_secrets(data):
+    """Drop any entry whose name looks like a secret (defence in depth: the schema has none)."""
+    if isinstance(data, dict):
+        return {k: scrub_secrets(v) for k, v in data.items() if not SECRET_NAME.search(str(k))}
+    if isinstance(data, list):
+        return [scrub_secrets(v) for v in data]
+    return data
+
+
+def wandb_api_key_available() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+
+
+def resolve_wandb_mode(mode: str) -> str:
+    if mode != "auto":
+        return mode
+    return "online" if wandb_api_key_available() else "offline"
+
+
+class RunLogger:
+    """Writes the run's files and mirrors every record to wandb. Create on the main process only."""
+
+    def __init__(self, out_dir: Path, recipe_dict: dict, wandb_cfg, run_name: str):
+        self.out_dir = out_dir
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.config = scrub_secrets(recipe_dict)
+        write_atomic(out_dir / "recipe.yaml", dump_yaml(self.config))
+        self.metrics_path = out_dir / "metrics.jsonl"
+        self.metrics_path.write_text("")
+        self.mode = resolve_wandb_mode(wandb_cfg.mode)
+        self.run = None
+        if self.mode != "disabled":
+            import wandb
+
+            self.run = wandb.init(
+                project=wandb_cfg.project, entity=wandb_cfg.entity, name=wandb_cfg.name or run_name,
+                tags=wandb_cfg.tags, config=self.config, dir=str(out_dir), mode=self.mode,
+                settings=wandb.Settings(save_code=False, console="off", silent=True),
+            )
+
+    def log(self, record: dict) -> None:
+        with open(self.metrics_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        if self.run is not None:
+            self.run.log({k: v for k, v in record.items() if k != "epoch"}, step=record["epoch"])
+
+    def finish(self, summary: dict) -> None:
+        write_atomic(self.out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+        if self.run is not None:
+            self.run.summary.update(_flatten(summary))
+            self.run.finish()
+
+    @property
+    def wandb_dir(self) -> str | None:
+        return str(Path(self.run.dir).parent) if self.run is not None else None  # run.dir is its files/ folder
+
+
+def _flatten(data: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}/"))
+        else:
+            out[prefix + key] = value
+    return out

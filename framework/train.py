@@ -1,0 +1,213 @@
+"""The training loop: per epoch, train, evaluate, log. One readable function per step of it."""
+
+from __future__ import annotations
+
+import os
+import resource
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from framework.builders import create_accelerator, create_model, create_optimizer, create_scheduler
+from framework.data import create_datasets, create_loaders
+from framework.recipe import recipe_to_dict
+from framework.schema import Recipe
+
+
+@dataclass
+class TrainState:
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    accelerator: object
+    clip_grad: float | None
+    num_updates: int = 0
+
+
+def _reduce(accelerator, values: list[float] | torch.Tensor, op: str = "sum") -> torch.Tensor:
+    t = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=torch.float64)
+    return accelerator.reduce(t.to(accelerator.device), reduction=op).cpu()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def train_one_epoch(state: TrainState, loader, max_steps: int | None = None, progress=None) -> dict:
+    """Train over `loader`; returns this process's counts and timings (no host sync per step)."""
+    acc, model, opt = state.accelerator, state.model, state.optimizer
+    model.train()
+    loss_sum = torch.zeros((), device=acc.device, dtype=torch.float64)
+    images_seen, steps, data_wait = 0, 0, 0.0
+    _sync(acc.device)
+    start = time.perf_counter()
+    batches = iter(loader)
+    while max_steps is None or steps < max_steps:
+        t = time.perf_counter()
+        try:
+            images, targets = next(batches)
+        except StopIteration:
+            break
+        images = images.to(acc.device, non_blocking=True)
+        targets = targets.to(acc.device, non_blocking=True)
+        data_wait += time.perf_counter() - t
+        with acc.autocast():
+            loss = F.cross_entropy(model(images), targets)
+        opt.zero_grad(set_to_none=True)
+        acc.backward(loss)
+        if state.clip_grad is not None:
+            acc.clip_grad_norm_(model.parameters(), state.clip_grad)
+        opt.step()
+        state.num_updates += 1
+        state.scheduler.step_update(num_updates=state.num_updates)
+        loss_sum += loss.detach().double() * images.shape[0]
+        images_seen += images.shape[0]
+        steps += 1
+        if progress is not None:
+            progress.update(1)
+    _sync(acc.device)
+    return {"loss_sum": loss_sum, "images": images_seen, "steps": steps, "seconds": time.perf_counter() - start, "data_wait": data_wait}
+
+
+@torch.no_grad()
+def evaluate(model, loader, accelerator, num_classes: int) -> dict:
+    """Top-1/top-5/loss over the whole validation set; padded items (target -1) are not counted."""
+    model.eval()
+    k = min(5, num_classes)
+    sums = torch.zeros(4, device=accelerator.device, dtype=torch.float64)  # loss, top1, top5, count
+    start = time.perf_counter()
+    for images, targets in loader:
+        images, targets = images.to(accelerator.device), targets.to(accelerator.device)
+        with accelerator.autocast():
+            logits = model(images).float()
+        valid = targets >= 0
+        logits, targets = logits[valid], targets[valid]
+        topk = logits.topk(k, dim=1).indices == targets[:, None]
+        sums += torch.stack([
+            F.cross_entropy(logits, targets, reduction="sum").double(),
+            topk[:, 0].sum().double(), topk.any(dim=1).sum().double(), valid.sum().double(),
+        ])
+    loss, top1, top5, count = _reduce(accelerator, sums).tolist()
+    return {"top1": 100.0 * top1 / count, "top5": 100.0 * top5 / count, "loss": loss / count,
+            "images": int(count), "seconds": time.perf_counter() - start}
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def epoch_record(epoch: int, stats: dict, ev: dict, lr: float, accelerator) -> dict:
+    world = accelerator.num_processes
+    loss_sum, images, data_wait = _reduce(accelerator, torch.stack([
+        stats["loss_sum"].double().cpu(), torch.tensor(float(stats["images"]), dtype=torch.float64),
+        torch.tensor(stats["data_wait"], dtype=torch.float64)])).tolist()
+    seconds, peak = _reduce(accelerator, [stats["seconds"], peak_memory_mb(accelerator.device)], "max").tolist()
+    steps = max(stats["steps"], 1)
+    return {
+        "epoch": epoch,
+        "train/loss": loss_sum / max(images, 1),
+        "train/lr": lr,
+        "eval/online/top1": ev["top1"], "eval/online/top5": ev["top5"], "eval/online/loss": ev["loss"],
+        "eval/images": ev["images"],
+        "throughput/train_images_per_s": images / seconds,
+        "throughput/train_images_per_s_per_process": images / seconds / world,
+        "throughput/step_time_s": seconds / steps,
+        "throughput/data_wait_s": data_wait / world / steps,
+        "memory/peak_mb": peak,
+        "time/epoch_s": seconds,
+    }
+
+
+def _mean(records: list[dict], key: str) -> float:
+    # The first epoch pays for warm-up (allocator, caches): leave it out when there are others.
+    values = [r[key] for r in (records[1:] if len(records) > 1 else records)]
+    return sum(values) / len(values)
+
+
+def build_summary(records: list[dict], ev: dict, accelerator, recipe: Recipe, precision: str) -> dict:
+    return {
+        "status": "completed",
+        "name": recipe.name,
+        "world_size": accelerator.num_processes,
+        "backend": recipe.backend.type,
+        "device": accelerator.device.type,
+        "precision": precision,
+        "epochs": len(records),
+        "throughput": {
+            "train_images_per_s": _mean(records, "throughput/train_images_per_s"),
+            "train_images_per_s_per_process": _mean(records, "throughput/train_images_per_s_per_process"),
+            "step_time_s": _mean(records, "throughput/step_time_s"),
+            "data_wait_s": _mean(records, "throughput/data_wait_s"),
+        },
+        "eval": {"online": {"top1": ev["top1"], "top5": ev["top5"], "loss": ev["loss"], "images": ev["images"]}},
+        "memory": {"peak_mb": max(r["memory/peak_mb"] for r in records)},
+    }
+
+
+def _progress_bar(enabled: bool, total: int, epoch: int):
+    if not enabled or os.environ.get("CI", "").lower() in ("1", "true") or not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True)
+
+
+def format_record(r: dict) -> str:
+    return (f"epoch {r['epoch']:3d} | loss {r['train/loss']:.4f} | top1 {r['eval/online/top1']:6.2f} "
+            f"| top5 {r['eval/online/top5']:6.2f} | eval loss {r['eval/online/loss']:.4f} | lr {r['train/lr']:.2e} "
+            f"| {r['throughput/train_images_per_s']:8.1f} img/s | step {1000 * r['throughput/step_time_s']:.1f} ms")
+
+
+def train(recipe: Recipe) -> dict:
+    """Run a validated recipe on the current launch. Returns the summary (on every process)."""
+    from accelerate.utils import set_seed
+
+    from framework.tracking import RunLogger
+
+    accelerator, precision = create_accelerator(recipe.backend)
+    set_seed(recipe.seed)  # same seed on every rank: identical initial weights
+    model = create_model(recipe.model)
+    train_ds, val_ds = create_datasets(recipe.data, model, recipe.model.num_classes, recipe.model.in_chans, recipe.seed)
+    loaders = create_loaders(recipe.data, train_ds, val_ds, accelerator.process_index, accelerator.num_processes,
+                             recipe.seed, pin_memory=accelerator.device.type == "cuda")
+    if len(loaders.train) == 0:
+        raise SystemExit(f"data.batch_size = {recipe.data.batch_size}: larger than this process's shard "
+                         f"({len(loaders.train_sampler)} images); lower it or use fewer processes")
+    optimizer = create_optimizer(recipe.optimizer, model)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    scheduler = create_scheduler(recipe.schedule, optimizer, len(loaders.train))
+    state = TrainState(model, optimizer, scheduler, accelerator, recipe.optimizer.clip_grad)
+
+    logger = None
+    if accelerator.is_main_process:
+        logger = RunLogger(Path(recipe.output.dir), recipe_to_dict(recipe), recipe.logging.wandb, recipe.name)
+    records, ev = [], None
+    for epoch in range(recipe.schedule.epochs):
+        loaders.train_sampler.set_epoch(epoch)
+        bar = _progress_bar(recipe.logging.progress and accelerator.is_main_process, len(loaders.train), epoch + 1)
+        stats = train_one_epoch(state, loaders.train, progress=bar)
+        if bar is not None:
+            bar.close()
+        lr = optimizer.param_groups[0]["lr"]
+        scheduler.step(epoch + 1)
+        ev = evaluate(model, loaders.val, accelerator, recipe.model.num_classes)
+        record = epoch_record(epoch + 1, stats, ev, lr, accelerator)
+        records.append(record)
+        if logger is not None:
+            logger.log(record)
+            print(format_record(record), flush=True)
+
+    summary = build_summary(records, ev, accelerator, recipe, precision)
+    if logger is not None:
+        summary["output_dir"] = str(Path(recipe.output.dir).resolve())
+        summary["wandb"] = {"mode": logger.mode, "dir": logger.wandb_dir}
+        logger.finish(summary)
+    accelerator.wait_for_everyone()
+    return summary

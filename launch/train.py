@@ -1,0 +1,34 @@
+"""Entry point: `accelerate launch --config_file accelerate_config.yaml launch/train.py RECIPE [overrides]`.
+
+Every process validates the recipe before any process group starts; a bad recipe exits 2
+with one line per problem and writes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+
+def main(argv: list[str]) -> int:
+    from framework.cli import load_or_exit
+
+    recipe = load_or_exit(argv, quiet_rank=os.environ.get("LOCAL_RANK", "0") != "0")
+
+    import torch.distributed as dist
+
+    from framework.train import train
+
+    summary = train(recipe)
+    if summary.get("output_dir"):  # main process only
+        print("final: " + json.dumps({"online": summary["eval"]["online"], "throughput": summary["throughput"]}))
+        print(f"run files: {summary['output_dir']}" + (f"  (wandb: {summary['wandb']['dir']})" if summary["wandb"]["dir"] else ""))
+    if dist.is_initialized():
+        dist.destroy_process_group()  # gloo can abort at exit without it
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    sys.exit(main(sys.argv[1:]))
