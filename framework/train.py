@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import resource
 import sys
@@ -131,7 +133,7 @@ def _mean(records: list[dict], key: str) -> float:
     return sum(values) / len(values)
 
 
-def build_summary(records: list[dict], ev: dict, accelerator, recipe: Recipe, precision: str) -> dict:
+def build_summary(records: list[dict], ev: dict, accelerator, recipe: Recipe, precision: str, recipe_hashes: list[str]) -> dict:
     return {
         "status": "completed",
         "name": recipe.name,
@@ -140,6 +142,7 @@ def build_summary(records: list[dict], ev: dict, accelerator, recipe: Recipe, pr
         "device": accelerator.device.type,
         "precision": precision,
         "epochs": len(records),
+        "recipe_sha256_per_rank": recipe_hashes,
         "throughput": {
             "train_images_per_s": _mean(records, "throughput/train_images_per_s"),
             "train_images_per_s_per_process": _mean(records, "throughput/train_images_per_s_per_process"),
@@ -165,6 +168,18 @@ def format_record(r: dict) -> str:
             f"| {r['throughput/train_images_per_s']:8.1f} img/s | step {1000 * r['throughput/step_time_s']:.1f} ms")
 
 
+def check_same_recipe(recipe: Recipe, accelerator) -> list[str]:
+    """Every rank must have resolved the same recipe (overrides reach each rank on its own command line)."""
+    from accelerate.utils import gather_object
+
+    digest = hashlib.sha256(json.dumps(recipe_to_dict(recipe), sort_keys=True).encode()).hexdigest()
+    hashes = gather_object([digest])
+    if len(set(hashes)) != 1:
+        raise SystemExit(f"ranks resolved different recipes (sha256 per rank: {hashes}); "
+                         "pass the same recipe and overrides to every process")
+    return hashes
+
+
 def train(recipe: Recipe) -> dict:
     """Run a validated recipe on the current launch. Returns the summary (on every process)."""
     from accelerate.utils import set_seed
@@ -172,6 +187,7 @@ def train(recipe: Recipe) -> dict:
     from framework.tracking import RunLogger
 
     accelerator, precision = create_accelerator(recipe.backend)
+    recipe_hashes = check_same_recipe(recipe, accelerator)
     set_seed(recipe.seed)  # same seed on every rank: identical initial weights
     model = create_model(recipe.model)
     train_ds, val_ds = create_datasets(recipe.data, model, recipe.model.num_classes, recipe.model.in_chans, recipe.seed)
@@ -204,7 +220,7 @@ def train(recipe: Recipe) -> dict:
             logger.log(record)
             print(format_record(record), flush=True)
 
-    summary = build_summary(records, ev, accelerator, recipe, precision)
+    summary = build_summary(records, ev, accelerator, recipe, precision, recipe_hashes)
     if logger is not None:
         summary["output_dir"] = str(Path(recipe.output.dir).resolve())
         summary["wandb"] = {"mode": logger.mode, "dir": logger.wandb_dir}

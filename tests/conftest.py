@@ -1,0 +1,54 @@
+"""Shared helpers: run the real entry point as users do (subprocess, accelerate launch)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+ENTRY = ROOT / "launch" / "train.py"
+ACCELERATE = Path(sys.executable).parent / "accelerate"
+
+
+def clean_env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "ACCELERATE_"))}
+    env.update(CI="true", PYTHONPATH=str(ROOT), **extra)
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(args: list[str], nproc: int, cwd: Path, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`accelerate launch --config_file accelerate_config.yaml --num_processes N launch/train.py ARGS`."""
+    cmd = [str(ACCELERATE), "launch", "--config_file", str(ROOT / "accelerate_config.yaml"),
+           "--num_processes", str(nproc), "--main_process_port", str(free_port()), str(ENTRY), *args]
+    return subprocess.run(cmd, cwd=cwd, env=env or clean_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def read_metrics(out_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def read_summary(out_dir: Path) -> dict:
+    return json.loads((out_dir / "summary.json").read_text())
+
+
+def check_ok(proc: subprocess.CompletedProcess) -> None:
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
+
+
+@pytest.fixture(scope="session")
+def digits_root():
+    from framework.data import ensure_digits_folder
+
+    return ensure_digits_folder()

@@ -1,0 +1,56 @@
+"""Data: the bundled digits folder, disjoint training shards, every validation image counted once."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import timm
+
+from framework.data import PaddedEval, create_datasets, create_loaders, ensure_digits_folder
+from framework.schema import DataConfig
+
+
+def test_digits_folder_is_real_images_with_a_fixed_split(digits_root, tmp_path):
+    from PIL import Image
+
+    train = sorted(p.relative_to(digits_root / "train") for p in (digits_root / "train").rglob("*.png"))
+    val = sorted(p.relative_to(digits_root / "val") for p in (digits_root / "val").rglob("*.png"))
+    assert (len(train), len(val)) == (1437, 360)
+    assert len({p.name for p in train} | {p.name for p in val}) == 1797  # disjoint, all of them
+    assert sorted(Counter(p.parts[0] for p in val)) == [str(i) for i in range(10)]
+    assert Image.open(digits_root / "val" / val[0]).size == (8, 8)
+    # Written again elsewhere, the split is the same: it is fixed, not drawn per run.
+    again = ensure_digits_folder(tmp_path)
+    assert sorted(p.relative_to(again / "val") for p in (again / "val").rglob("*.png")) == val
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 7])
+def test_eval_counts_each_image_once_across_processes(world):
+    base = list(range(361))  # a size no world size above divides
+    padded = PaddedEval([(i, i % 10) for i in base], world)
+    from torch.utils.data import DistributedSampler
+
+    counted, batches = Counter(), []
+    for rank in range(world):
+        idx = list(DistributedSampler(padded, num_replicas=world, rank=rank, shuffle=False))
+        batches.append(len(idx))
+        counted.update(padded[i][0] for i in idx if padded[i][1] >= 0)
+    assert counted == Counter(base)
+    assert len(set(batches)) == 1  # same number of eval items on every process
+
+
+def test_training_shards_are_disjoint_and_loaders_use_timm_transforms(digits_root):
+    cfg = DataConfig(batch_size=16, image_size=32)
+    model = timm.create_model("test_resnet", num_classes=10)
+    train_ds, val_ds = create_datasets(cfg, model, 10, 3, seed=0)
+    shards = []
+    for rank in range(2):
+        loaders = create_loaders(cfg, train_ds, val_ds, rank=rank, world_size=2, seed=0, pin_memory=False)
+        loaders.train_sampler.set_epoch(3)
+        shards.append(set(loaders.train_sampler))
+        images, targets = next(iter(loaders.train))
+        assert images.shape == (16, 3, 32, 32) and targets.max() < 10
+        assert loaders.num_val_images == 360
+    assert not shards[0] & shards[1]
+    assert len(shards[0]) == len(shards[1]) == 1437 // 2

@@ -1,0 +1,129 @@
+"""Recipes: every shipped recipe validates; a catalogue of bad input gives clean errors and writes nothing."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from conftest import ENTRY, ROOT, clean_env, launch
+
+from framework.errors import RecipeError
+from framework.recipe import parse_overrides, resolve_recipe
+
+RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
+GOOD = """\
+model: {name: resnet18, num_classes: 10}
+optimizer: {lr: 0.1}
+schedule: {epochs: 2}
+"""
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_every_recipe_validates(path):
+    recipe = resolve_recipe(path)
+    assert recipe.name == path.stem
+    assert recipe.schedule.epochs >= 1
+
+
+def test_inheritance_keeps_only_differences(tmp_path):
+    (tmp_path / "base.yaml").write_text(GOOD)
+    (tmp_path / "child.yaml").write_text("base: base.yaml\noptimizer: {weight_decay: 1e-4}\n")
+    r = resolve_recipe(tmp_path / "child.yaml")
+    assert (r.optimizer.lr, r.optimizer.weight_decay, r.model.name) == (0.1, 1e-4, "resnet18")
+
+
+def test_overrides_in_both_agent_forms_parse_as_yaml_scalars(tmp_path):
+    (tmp_path / "r.yaml").write_text(GOOD)
+    r = resolve_recipe(tmp_path / "r.yaml", ["--optimizer.lr=1e-5", "schedule.epochs=3", "--optimizer.clip_grad=None",
+                                               "logging.progress=False", "output.dir=/tmp/x"])
+    assert r.optimizer.lr == pytest.approx(1e-5) and isinstance(r.optimizer.lr, float)
+    assert (r.schedule.epochs, r.optimizer.clip_grad, r.logging.progress, r.output.dir) == (3, None, False, "/tmp/x")
+    assert parse_overrides(["--a.b=True"]) == [("a.b", True)]
+
+
+def test_nan_and_bool_are_refused_for_numbers(tmp_path):
+    (tmp_path / "r.yaml").write_text(GOOD)
+    with pytest.raises(RecipeError, match=r"optimizer.lr = nan: must be a finite number"):
+        resolve_recipe(tmp_path / "r.yaml", ["optimizer.lr=.nan"])
+    with pytest.raises(RecipeError, match=r"data.batch_size = True: expected an integer"):
+        resolve_recipe(tmp_path / "r.yaml", ["data.batch_size=true"])
+
+
+# (id, recipe text or None for "no file", overrides, substrings the error must contain)
+BAD = [
+    ("unknown-top-key", GOOD + "optimiser: {lr: 0.1}\n", [], ["optimiser: unknown key", "did you mean 'optimizer'"]),
+    ("unknown-nested-key", GOOD.replace("lr: 0.1", "lrr: 0.1"), [], ["optimizer.lrr: unknown key", "did you mean 'lr'"]),
+    ("wrong-type", GOOD.replace("lr: 0.1", "lr: fast"), [], ["optimizer.lr = 'fast'", "expected a number"]),
+    ("out-of-range", GOOD.replace("lr: 0.1", "lr: -0.1"), [], ["optimizer.lr = -0.1", "must be > 0"]),
+    ("bad-choice", GOOD + "backend: {precision: fp8}\n", [], ["backend.precision = 'fp8'", "choices are 'fp32', 'bf16', 'fp16'"]),
+    ("unknown-model", GOOD.replace("resnet18", "resnet_19"), [], ["model.name = 'resnet_19'", "not a timm model", "did you mean"]),
+    ("missing-data-folder", GOOD + "data: {source: folder, root: /nonexistent/imgs}\n", [], ["data.root = '/nonexistent/imgs'", "not found"]),
+    ("missing-recipe-file", None, [], ["recipe file not found"]),
+    ("yaml-syntax", GOOD + "data: {source: [digits\n", [], ["YAML syntax error", "line"]),
+    ("empty-file", "", [], ["recipe file is empty"]),
+    ("alias-bomb", 'a: &a ["x","x","x","x","x","x","x","x","x"]\nb: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a]\nc: [*b,*b,*b,*b,*b,*b]\n' + GOOD,
+     [], ["YAML anchors (&a) are not allowed"]),
+    ("duplicate-key", GOOD + "optimizer: {lr: 0.2}\n", [], ["duplicate key 'optimizer'"]),
+    ("missing-required", GOOD.replace(", num_classes: 10", ""), [], ["model.num_classes: required key is missing"]),
+    ("section-is-scalar", GOOD.replace("model: {name: resnet18, num_classes: 10}", "model: resnet18"), [], ["model = 'resnet18'", "expected a mapping"]),
+    ("bool-for-int", GOOD + "data: {batch_size: true}\n", [], ["data.batch_size = True", "expected an integer"]),
+    ("warmup-too-long", GOOD.replace("epochs: 2", "epochs: 2, warmup_epochs: 2"), [], ["schedule.warmup_epochs = 2", "must be < schedule.epochs"]),
+    ("unknown-optimizer", GOOD.replace("lr: 0.1", "name: sgdd"), [], ["optimizer.name = 'sgdd'", "not a timm optimizer", "did you mean 'sgd'"]),
+    ("not-a-mapping", "- model\n- data\n", [], ["a recipe must be a mapping"]),
+    ("override-unknown-key", GOOD, ["--optimizer.lrr=0.1"], ["override optimizer.lrr: unknown key", "did you mean 'optimizer.lr'"]),
+    ("override-no-equals", GOOD, ["optimizer.lr"], ["override 'optimizer.lr'", "expected key=value"]),
+    ("override-wrong-type", GOOD, ["schedule.epochs=2.5"], ["schedule.epochs = 2.5", "expected an integer"]),
+    ("override-out-of-range", GOOD, ["data.batch_size=0"], ["data.batch_size = 0", "must be >= 1"]),
+    ("base-cycle", "base: bad.yaml\n" + GOOD, [], ["recipe inheritance cycle"]),
+]
+
+
+@pytest.mark.parametrize("case", BAD, ids=[c[0] for c in BAD])
+def test_bad_input_gives_one_clean_line_and_writes_nothing(tmp_path, case):
+    _, text, overrides, expected = case
+    recipes, cwd = tmp_path / "recipes", tmp_path / "cwd"
+    recipes.mkdir()
+    cwd.mkdir()
+    path = recipes / "bad.yaml"
+    if text is not None:
+        path.write_text(text)
+    out = cwd / "out"
+    proc = subprocess.run([sys.executable, str(ENTRY), str(path), *overrides, f"output.dir={out}"],
+                          cwd=cwd, env=clean_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert errors, proc.stderr
+    assert any(all(s in line for s in expected) for line in errors), errors
+    assert list(cwd.iterdir()) == [], "a bad recipe must write nothing"
+
+
+def test_validate_command_prints_resolved_recipe_or_errors(tmp_path):
+    (tmp_path / "r.yaml").write_text(GOOD)
+    ok = subprocess.run([sys.executable, "-m", "framework", "validate", str(tmp_path / "r.yaml"), "optimizer.lr=0.5"],
+                        env=clean_env(), capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert ok.returncode == 0, ok.stderr
+    assert "lr: 0.5" in ok.stdout and "num_classes: 10" in ok.stdout
+    bad = subprocess.run([sys.executable, "-m", "framework", "validate", str(tmp_path / "r.yaml"), "optimizer.lr=-1"],
+                         env=clean_env(), capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert bad.returncode == 2
+    assert bad.stderr.strip() == "error: optimizer.lr = -1.0: must be > 0.0"
+
+
+@pytest.mark.slow
+def test_bad_recipe_under_two_process_launch_writes_nothing(tmp_path):
+    (tmp_path / "r.yaml").write_text(textwrap.dedent(GOOD))
+    out = tmp_path / "out"
+    proc = launch([str(tmp_path / "r.yaml"), "optimizer.lr=-1", f"output.dir={out}"], nproc=2, cwd=tmp_path)
+    assert proc.returncode != 0
+    assert proc.stderr.count("error: optimizer.lr = -1.0: must be > 0.0") == 1  # local rank 0 prints it once
+    assert not out.exists() and not (tmp_path / "wandb").exists()
+
+
+def test_catalogue_is_large_enough():
+    assert len(BAD) >= 15
+    assert len({c[0] for c in BAD}) == len(BAD)
+    assert Path(ENTRY).is_file()
