@@ -22,7 +22,9 @@ def create_accelerator(cfg: BackendConfig):
 
     cuda = torch.cuda.is_available()
     precision, note = resolve_precision(cfg.precision, cuda)
-    ddp = DistributedDataParallelKwargs(find_unused_parameters=cfg.find_unused_parameters)
+    # No BN buffer broadcast before every forward: each bn.mode makes statistics identical
+    # before evaluation instead (framework/bn/__init__.py), the same under DDP and DeepSpeed.
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=cfg.find_unused_parameters, broadcast_buffers=False)
     # On a CPU machine a plain Accelerator under a multi-process launch tells every rank it is
     # rank 0 of 1; cpu=True gives MULTI_CPU over gloo with real ranks.
     accelerator = Accelerator(cpu=not cuda, mixed_precision=_PRECISION[precision], kwargs_handlers=[ddp])

@@ -12,15 +12,13 @@ import dataclasses
 import difflib
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
-
-def spec(default: Any = dataclasses.MISSING, *, ge=None, gt=None, le=None, doc: str = "", factory=None):
-    meta = {"ge": ge, "gt": gt, "le": le, "doc": doc}
-    if factory is not None:
-        return field(default_factory=factory, metadata=meta)
-    return field(default=default, metadata=meta)
+from framework.averaging import AVERAGERS
+from framework.bn import BN_MODES
+from framework.bn.sources import BN_SOURCES
+from framework.fields import spec
 
 
 @dataclass(kw_only=True)
@@ -78,6 +76,29 @@ class ScheduleConfig:
     decay_rate: float = spec(0.1, gt=0.0)
 
 
+def _averaging_config():
+    """Common keys plus one options section per registered strategy (`averaging.swa.lr`, `averaging.ema.decay`)."""
+    common = [
+        ("strategy", Literal[("none", *AVERAGERS)], spec("none")),
+        ("start", float, spec(0.75, ge=0.0, lt=1.0, doc="fraction of training steps before averaging starts")),
+        ("start_epoch", int | None, spec(None, ge=0, doc="overrides start: begin after this many epochs")),
+        ("every_steps", int, spec(1, ge=1)),
+        ("offload", bool, spec(False, doc="keep the fp32 averaged copy in CPU memory")),
+    ]
+    per_strategy = [(name, cls.Options, spec(factory=cls.Options)) for name, cls in AVERAGERS.items()]
+    return dataclasses.make_dataclass("AveragingConfig", common + per_strategy, kw_only=True)
+
+
+AveragingConfig = _averaging_config()
+
+
+@dataclass(kw_only=True)
+class BNConfig:
+    mode: Literal[tuple(BN_MODES)] = spec("local", doc="local | sync | reduce (see framework/bn/__init__.py)")
+    recompute_batches: int | None = spec(None, ge=1, doc="batches per process for the recompute pass; all when null")
+    export_stats: Literal[tuple(BN_SOURCES)] = spec("recompute", doc="BN statistics of model_averaged.safetensors")
+
+
 @dataclass(kw_only=True)
 class BackendConfig:
     type: Literal["ddp"] = spec("ddp", doc="deepspeed arrives with its own issue")
@@ -113,6 +134,8 @@ class Recipe:
     data: DataConfig = spec(factory=DataConfig)
     optimizer: OptimizerConfig = spec(factory=OptimizerConfig)
     schedule: ScheduleConfig = spec(factory=ScheduleConfig)
+    averaging: AveragingConfig = spec(factory=AveragingConfig)
+    bn: BNConfig = spec(factory=BNConfig)
     backend: BackendConfig = spec(factory=BackendConfig)
     logging: LoggingConfig = spec(factory=LoggingConfig)
     output: OutputConfig = spec(factory=OutputConfig)
@@ -176,7 +199,8 @@ def _check_bounds(value: Any, meta, key: str, errors: list[str]) -> None:
         return
     if value != value:  # NaN passes every comparison below
         errors.append(f"{key} = {value!r}: must be a finite number")
-    for bound, ok, words in (("ge", lambda b: value >= b, ">="), ("gt", lambda b: value > b, ">"), ("le", lambda b: value <= b, "<=")):
+    for bound, ok, words in (("ge", lambda b: value >= b, ">="), ("gt", lambda b: value > b, ">"), ("le", lambda b: value <= b, "<="),
+                              ("lt", lambda b: value < b, "<")):
         b = meta.get(bound)
         if b is not None and not ok(b):
             errors.append(f"{key} = {value!r}: must be {words} {b}")

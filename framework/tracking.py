@@ -80,6 +80,12 @@ class RunLogger:
         if self.run is not None:
             self.run.log({k: v for k, v in record.items() if k != "epoch"}, step=record["epoch"])
 
+    def log_table(self, key: str, columns: list[str], rows: list[list]) -> None:
+        if self.run is not None:
+            import wandb
+
+            self.run.log({key: wandb.Table(columns=columns, data=rows)})
+
     def finish(self, summary: dict) -> None:
         write_atomic(self.out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
         if self.run is not None:
@@ -88,7 +94,7 @@ class RunLogger:
 
     @property
     def wandb_dir(self) -> str | None:
-        return str(Path(self.run.dir).parent) if self.run is not None else None  # run.dir is its files/ folder
+        return str(Path(self.run.dir).parent.resolve()) if self.run is not None else None  # run.dir is its files/ folder
 
 
 def _flatten(data: dict, prefix: str = "") -> dict:

@@ -14,8 +14,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from framework.averaging import WeightAverager, create_rule
+from framework.bn import BN_MODES, bn_buffers, swapped
+from framework.bn.sources import BN_SOURCES
 from framework.builders import create_accelerator, create_model, create_optimizer, create_scheduler
 from framework.data import create_datasets, create_loaders
+from framework.evaluation import AveragedEval, evaluate, harmonized_bn
+from framework.export import save_state_dict
 from framework.recipe import recipe_to_dict
 from framework.schema import Recipe
 
@@ -27,7 +32,21 @@ class TrainState:
     scheduler: object
     accelerator: object
     clip_grad: float | None
+    averager: WeightAverager | None = None
+    steps_per_epoch: int = 1
     num_updates: int = 0
+
+    def after_update(self) -> None:
+        """Schedule, then averaging (whose SWALR, once started, overrides the schedule's lr)."""
+        self.num_updates += 1
+        self.scheduler.step_update(num_updates=self.num_updates)
+        if self.averager is not None:
+            self.averager.maybe_update(self.num_updates)
+            self.adjust_lr()
+
+    def adjust_lr(self) -> None:
+        if self.averager is not None and self.averager.started:
+            self.averager.rule.adjust_lr(self.optimizer, self.num_updates - self.averager.start_step, self.steps_per_epoch)
 
 
 def _reduce(accelerator, values: list[float] | torch.Tensor, op: str = "sum") -> torch.Tensor:
@@ -65,8 +84,7 @@ def train_one_epoch(state: TrainState, loader, max_steps: int | None = None, pro
         if state.clip_grad is not None:
             acc.clip_grad_norm_(model.parameters(), state.clip_grad)
         opt.step()
-        state.num_updates += 1
-        state.scheduler.step_update(num_updates=state.num_updates)
+        state.after_update()
         loss_sum += loss.detach().double() * images.shape[0]
         images_seen += images.shape[0]
         steps += 1
@@ -76,36 +94,13 @@ def train_one_epoch(state: TrainState, loader, max_steps: int | None = None, pro
     return {"loss_sum": loss_sum, "images": images_seen, "steps": steps, "seconds": time.perf_counter() - start, "data_wait": data_wait}
 
 
-@torch.no_grad()
-def evaluate(model, loader, accelerator, num_classes: int) -> dict:
-    """Top-1/top-5/loss over the whole validation set; padded items (target -1) are not counted."""
-    model.eval()
-    k = min(5, num_classes)
-    sums = torch.zeros(4, device=accelerator.device, dtype=torch.float64)  # loss, top1, top5, count
-    start = time.perf_counter()
-    for images, targets in loader:
-        images, targets = images.to(accelerator.device), targets.to(accelerator.device)
-        with accelerator.autocast():
-            logits = model(images).float()
-        valid = targets >= 0
-        logits, targets = logits[valid], targets[valid]
-        topk = logits.topk(k, dim=1).indices == targets[:, None]
-        sums += torch.stack([
-            F.cross_entropy(logits, targets, reduction="sum").double(),
-            topk[:, 0].sum().double(), topk.any(dim=1).sum().double(), valid.sum().double(),
-        ])
-    loss, top1, top5, count = _reduce(accelerator, sums).tolist()
-    return {"top1": 100.0 * top1 / count, "top5": 100.0 * top5 / count, "loss": loss / count,
-            "images": int(count), "seconds": time.perf_counter() - start}
-
-
 def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def epoch_record(epoch: int, stats: dict, ev: dict, lr: float, accelerator) -> dict:
+def epoch_record(epoch: int, stats: dict, ev: dict, averaged: dict, lr: float, accelerator) -> dict:
     world = accelerator.num_processes
     loss_sum, images, data_wait = _reduce(accelerator, torch.stack([
         stats["loss_sum"].double().cpu(), torch.tensor(float(stats["images"]), dtype=torch.float64),
@@ -124,6 +119,7 @@ def epoch_record(epoch: int, stats: dict, ev: dict, lr: float, accelerator) -> d
         "throughput/data_wait_s": data_wait / world / steps,
         "memory/peak_mb": peak,
         "time/epoch_s": seconds,
+        **{f"eval/averaged/{name}/{k}": r[k] for name, r in averaged.items() for k in ("top1", "top5", "loss")},
     }
 
 
@@ -133,7 +129,8 @@ def _mean(records: list[dict], key: str) -> float:
     return sum(values) / len(values)
 
 
-def build_summary(records: list[dict], ev: dict, accelerator, recipe: Recipe, precision: str, recipe_hashes: list[str]) -> dict:
+def build_summary(records: list[dict], ev: dict, averaged: dict, averaging: dict, accelerator, recipe: Recipe,
+                  precision: str, recipe_hashes: list[str]) -> dict:
     return {
         "status": "completed",
         "name": recipe.name,
@@ -148,8 +145,14 @@ def build_summary(records: list[dict], ev: dict, accelerator, recipe: Recipe, pr
             "train_images_per_s_per_process": _mean(records, "throughput/train_images_per_s_per_process"),
             "step_time_s": _mean(records, "throughput/step_time_s"),
             "data_wait_s": _mean(records, "throughput/data_wait_s"),
+            "averaging_update_ms": averaging.get("update_ms"),
+            "bn_recompute_s": averaging.get("recompute_s"),
         },
-        "eval": {"online": {"top1": ev["top1"], "top5": ev["top5"], "loss": ev["loss"], "images": ev["images"]}},
+        "averaging": averaging,
+        "eval": {
+            "online": {k: ev[k] for k in ("top1", "top5", "loss", "images")},
+            "averaged": {name: {k: r[k] for k in ("top1", "top5", "loss", "seconds")} for name, r in averaged.items()},
+        },
         "memory": {"peak_mb": max(r["memory/peak_mb"] for r in records)},
     }
 
@@ -163,9 +166,19 @@ def _progress_bar(enabled: bool, total: int, epoch: int):
 
 
 def format_record(r: dict) -> str:
-    return (f"epoch {r['epoch']:3d} | loss {r['train/loss']:.4f} | top1 {r['eval/online/top1']:6.2f} "
+    line = (f"epoch {r['epoch']:3d} | loss {r['train/loss']:.4f} | top1 {r['eval/online/top1']:6.2f} "
             f"| top5 {r['eval/online/top5']:6.2f} | eval loss {r['eval/online/loss']:.4f} | lr {r['train/lr']:.2e} "
             f"| {r['throughput/train_images_per_s']:8.1f} img/s | step {1000 * r['throughput/step_time_s']:.1f} ms")
+    averaged = [(k.split("/")[2], v) for k, v in r.items() if k.startswith("eval/averaged/") and k.endswith("/top1")]
+    return line + ("".join(f"\n    averaged[{name}] top1 {v:6.2f}" for name, v in averaged) if averaged else "")
+
+
+def format_table(online: dict, averaged: dict) -> str:
+    """The end-of-run comparison: the live model and the averaged weights under each BN source."""
+    rows = [("online (live model)", online)] + [(f"averaged + {name}", r) for name, r in averaged.items()]
+    lines = [f"{'model / BN statistics':28s} {'top1':>7s} {'top5':>7s} {'loss':>8s}"]
+    lines += [f"{label:28s} {r['top1']:7.2f} {r['top5']:7.2f} {r['loss']:8.4f}" for label, r in rows]
+    return "\n".join(lines)
 
 
 def check_same_recipe(recipe: Recipe, accelerator) -> list[str]:
@@ -180,6 +193,21 @@ def check_same_recipe(recipe: Recipe, accelerator) -> list[str]:
     return hashes
 
 
+def create_averaging(recipe: Recipe, module, steps_per_epoch: int):
+    """The weight averager and the BN-statistics sources listening to it (None, {} without averaging)."""
+    cfg = recipe.averaging
+    if cfg.strategy == "none":
+        return None, {}
+    total = recipe.schedule.epochs * steps_per_epoch
+    start = cfg.start_epoch * steps_per_epoch if cfg.start_epoch is not None else int(cfg.start * total)
+    averager = WeightAverager(create_rule(cfg.strategy, getattr(cfg, cfg.strategy)), list(module.parameters()),
+                              start_step=max(start, 1), every_steps=cfg.every_steps, offload=cfg.offload)
+    live_bn = bn_buffers(module)
+    sources = {name: cls(live_bn) for name, cls in BN_SOURCES.items()}
+    averager.listeners = [s.on_update for s in sources.values()]
+    return averager, sources
+
+
 def train(recipe: Recipe) -> dict:
     """Run a validated recipe on the current launch. Returns the summary (on every process)."""
     from accelerate.utils import set_seed
@@ -188,23 +216,31 @@ def train(recipe: Recipe) -> dict:
 
     accelerator, precision = create_accelerator(recipe.backend)
     recipe_hashes = check_same_recipe(recipe, accelerator)
+    device, cuda = accelerator.device, accelerator.device.type == "cuda"
     set_seed(recipe.seed)  # same seed on every rank: identical initial weights
-    model = create_model(recipe.model)
+    bn_mode = BN_MODES[recipe.bn.mode]()
+    model = bn_mode.convert(create_model(recipe.model), cuda)
     train_ds, val_ds = create_datasets(recipe.data, model, recipe.model.num_classes, recipe.model.in_chans, recipe.seed)
     loaders = create_loaders(recipe.data, train_ds, val_ds, accelerator.process_index, accelerator.num_processes,
-                             recipe.seed, pin_memory=accelerator.device.type == "cuda")
+                             recipe.seed, pin_memory=cuda)
     if len(loaders.train) == 0:
         raise SystemExit(f"data.batch_size = {recipe.data.batch_size}: larger than this process's shard "
                          f"({len(loaders.train_sampler)} images); lower it or use fewer processes")
     optimizer = create_optimizer(recipe.optimizer, model)
     model, optimizer = accelerator.prepare(model, optimizer)
+    module = accelerator.unwrap_model(model)  # evaluation and BN passes run without DDP's collectives
     scheduler = create_scheduler(recipe.schedule, optimizer, len(loaders.train))
-    state = TrainState(model, optimizer, scheduler, accelerator, recipe.optimizer.clip_grad)
+    averager, sources = create_averaging(recipe, module, len(loaders.train))
+    state = TrainState(model, optimizer, scheduler, accelerator, recipe.optimizer.clip_grad, averager, len(loaders.train))
+    live_bn = bn_buffers(module)
+    avg_eval = AveragedEval(module, list(module.parameters()), live_bn, bn_mode, loaders.train,
+                            recipe.bn.recompute_batches, device, accelerator.autocast)
+    evaluate_live = lambda: evaluate(module, loaders.val, device, recipe.model.num_classes, accelerator.autocast)  # noqa: E731
 
     logger = None
     if accelerator.is_main_process:
         logger = RunLogger(Path(recipe.output.dir), recipe_to_dict(recipe), recipe.logging.wandb, recipe.name)
-    records, ev = [], None
+    records, averaged, bn_stats = [], {}, {}
     for epoch in range(recipe.schedule.epochs):
         loaders.train_sampler.set_epoch(epoch)
         bar = _progress_bar(recipe.logging.progress and accelerator.is_main_process, len(loaders.train), epoch + 1)
@@ -213,17 +249,39 @@ def train(recipe: Recipe) -> dict:
             bar.close()
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step(epoch + 1)
-        ev = evaluate(model, loaders.val, accelerator, recipe.model.num_classes)
-        record = epoch_record(epoch + 1, stats, ev, lr, accelerator)
+        state.adjust_lr()
+        with harmonized_bn(bn_mode, live_bn):
+            ev = evaluate_live()
+        if averager is not None and averager.started:
+            averaged, bn_stats = avg_eval.run(averager.avg.tensors(), sources, loaders.val, recipe.model.num_classes)
+        record = epoch_record(epoch + 1, stats, ev, averaged, lr, accelerator)
         records.append(record)
         if logger is not None:
             logger.log(record)
             print(format_record(record), flush=True)
 
-    summary = build_summary(records, ev, accelerator, recipe, precision, recipe_hashes)
+    averaging = {}
+    if averager is not None:
+        averaging = {"strategy": recipe.averaging.strategy, "updates": averager.n, "start_step": averager.start_step,
+                     "update_ms": averager.timer.mean_ms(),
+                     "recompute_s": sum(avg_eval.recompute_seconds) / max(len(avg_eval.recompute_seconds), 1),
+                     "export_stats": recipe.bn.export_stats if averaged else None}
+    summary = build_summary(records, ev, averaged, averaging, accelerator, recipe, precision, recipe_hashes)
+    out = Path(recipe.output.dir)
+    with harmonized_bn(bn_mode, live_bn):
+        if logger is not None:
+            save_state_dict(module, out / "model_online.safetensors")
+    if averaged and logger is not None:
+        with swapped(avg_eval.params, averager.avg.tensors()), swapped(live_bn, bn_stats[recipe.bn.export_stats]):
+            save_state_dict(module, out / "model_averaged.safetensors")
     if logger is not None:
-        summary["output_dir"] = str(Path(recipe.output.dir).resolve())
+        summary["output_dir"] = str(out.resolve())
         summary["wandb"] = {"mode": logger.mode, "dir": logger.wandb_dir}
+        if averaged:
+            print(format_table(ev, averaged), flush=True)
+            logger.log_table("eval/comparison", ["model", "bn_stats", "top1", "top5", "loss", "seconds"],
+                             [["online", "live", ev["top1"], ev["top5"], ev["loss"], ev["seconds"]]]
+                             + [["averaged", n, r["top1"], r["top5"], r["loss"], r["seconds"]] for n, r in averaged.items()])
         logger.finish(summary)
     accelerator.wait_for_everyone()
     return summary

@@ -1,0 +1,62 @@
+"""SyncBatchNorm for CPU process groups (gloo), with torch's SyncBatchNorm semantics.
+
+torch.nn.SyncBatchNorm refuses CPU inputs in training mode and DDP refuses to wrap it on
+CPU. Here a BN layer's class is swapped for a subclass whose training forward normalises
+with statistics over the global batch: two autograd-aware all-reduces (sum and count, then
+sum of squared deviations: no E[x^2]-E[x]^2 cancellation). Their backward all-reduces the
+gradients, which gives SyncBatchNorm's input gradients. The running variance is unbiased
+over the global batch, as in torch. Eval mode and world size 1 use the parent's forward.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_fn
+from timm.layers import BatchNormAct2d
+
+
+def _global_batch_norm(bn, x: torch.Tensor) -> torch.Tensor:
+    dims = [0, *range(2, x.ndim)]
+    shape = [1, -1] + [1] * (x.ndim - 2)
+    xf = x.float()
+    count = torch.full((1,), x.numel() / x.shape[1], dtype=xf.dtype, device=x.device)
+    totals = dist_fn.all_reduce(torch.cat([xf.sum(dims), count]))
+    n = totals[-1]
+    mean = totals[:-1] / n
+    centered = xf - mean.view(shape)
+    var = dist_fn.all_reduce((centered * centered).sum(dims)) / n
+    if bn.track_running_stats:
+        with torch.no_grad():
+            bn.num_batches_tracked.add_(1)
+            factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+            bn.running_mean.lerp_(mean.detach(), factor)
+            bn.running_var.lerp_(var.detach() * n / (n - 1), factor)
+    y = centered * torch.rsqrt(var + bn.eps).view(shape)
+    if bn.affine:
+        y = y * bn.weight.view(shape) + bn.bias.view(shape)
+    return y.to(x.dtype)
+
+
+class _GlobalBatchStats:
+    def forward(self, x):
+        if not self.training or not dist.is_initialized() or dist.get_world_size() == 1:
+            return super().forward(x)
+        y = _global_batch_norm(self, x)
+        if isinstance(self, BatchNormAct2d):  # keep timm's fused drop + activation
+            y = self.act(self.drop(y))
+        return y
+
+
+_CLASSES: dict[type, type] = {}
+
+
+def convert_gloo_sync_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
+    """In place: every BatchNorm (timm's BatchNormAct2d included) gets global-batch statistics."""
+    for module in model.modules():
+        cls = type(module)
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and not issubclass(cls, _GlobalBatchStats):
+            if cls not in _CLASSES:
+                _CLASSES[cls] = type(f"GlooSync{cls.__name__}", (_GlobalBatchStats, cls), {})
+            module.__class__ = _CLASSES[cls]
+    return model

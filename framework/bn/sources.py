@@ -1,0 +1,100 @@
+"""Where the averaged weights get their BN statistics: one small class per way, evaluated side by side.
+
+Each source is built at the start of training with the live BN buffers, hears every averaging
+update through `on_update(weight, n)`, and gives the statistics to evaluate with via `get(ctx)`,
+where `ctx.recompute()` runs a fresh pass for the averaged weights. A new way is one class
+here (or one file) plus a line in `BN_SOURCES`; the summary, table and tests pick it up.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from framework.averaging.tensors import AveragedTensors
+from framework.bn import clone_all
+
+
+class Initial:
+    """Statistics before training: what toggling track_running_stats, or restoring a pre-loop snapshot, ends with."""
+
+    def __init__(self, live: list[torch.Tensor]):
+        self.stats = clone_all(live)
+
+    def on_update(self, weight: float, n: int) -> None:
+        pass
+
+    def get(self, ctx) -> list[torch.Tensor]:
+        return clone_all(self.stats)
+
+    def state_dict(self) -> dict:
+        return {f"t{i}": t for i, t in enumerate(self.stats)}
+
+
+class SwaStart:
+    """The live model's statistics when averaging began."""
+
+    def __init__(self, live: list[torch.Tensor]):
+        self.live, self.stats = live, None
+
+    def on_update(self, weight: float, n: int) -> None:
+        if n == 0:
+            self.stats = clone_all(self.live)
+
+    def get(self, ctx) -> list[torch.Tensor]:
+        return clone_all(self.stats)
+
+    def state_dict(self) -> dict:
+        return {f"t{i}": t for i, t in enumerate(self.stats or [])}
+
+
+class Online:
+    """The live statistics at the last averaging update (AveragedModel's default, use_buffers=False)."""
+
+    def __init__(self, live: list[torch.Tensor]):
+        self.live, self.stats = live, clone_all(live)
+
+    def on_update(self, weight: float, n: int) -> None:
+        torch._foreach_copy_(self.stats, self.live)
+
+    def get(self, ctx) -> list[torch.Tensor]:
+        return clone_all(self.stats)
+
+    def state_dict(self) -> dict:
+        return {f"t{i}": t for i, t in enumerate(self.stats)}
+
+
+class Averaged:
+    """Statistics averaged along with the weights (AveragedModel(use_buffers=True))."""
+
+    def __init__(self, live: list[torch.Tensor]):
+        self.live, self.avg = live, None
+
+    def on_update(self, weight: float, n: int) -> None:
+        if self.avg is None:
+            self.avg = AveragedTensors(self.live)
+        self.avg.lerp_(self.live, weight)
+
+    def get(self, ctx) -> list[torch.Tensor]:
+        return clone_all(self.avg.tensors())
+
+    def state_dict(self) -> dict:
+        return self.avg.state_dict() if self.avg is not None else {}
+
+
+class Recompute:
+    """Fresh statistics for the averaged weights from a pass over training data (framework.bn.recompute)."""
+
+    def __init__(self, live: list[torch.Tensor]):
+        pass
+
+    def on_update(self, weight: float, n: int) -> None:
+        pass
+
+    def get(self, ctx) -> list[torch.Tensor]:
+        return ctx.recompute()
+
+    def state_dict(self) -> dict:
+        return {}
+
+
+BN_SOURCES = {"initial": Initial, "swa_start": SwaStart, "online": Online, "averaged": Averaged, "recompute": Recompute}
