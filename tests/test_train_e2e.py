@@ -96,3 +96,47 @@ def test_same_seed_same_losses(run2, tmp_path_factory):
     a, b = read_metrics(run2[0]), read_metrics(again)
     assert [r["train/loss"] for r in a] == [r["train/loss"] for r in b]
     assert [r["eval/online/top1"] for r in a] == [r["eval/online/top1"] for r in b]
+
+
+BN_SOURCES = ("initial", "swa_start", "online", "averaged", "recompute")
+
+
+def test_every_bn_source_is_evaluated_and_recompute_beats_initial(run2):
+    out, proc = run2
+    s = read_summary(out)
+    averaged = s["eval"]["averaged"]
+    assert sorted(averaged) == sorted(BN_SOURCES)
+    for r in averaged.values():
+        assert set(r) == {"top1", "top5", "loss", "seconds"}
+    assert averaged["recompute"]["top1"] >= QUICKSTART_BAR
+    assert averaged["recompute"]["top1"] >= averaged["initial"]["top1"] + 50  # initial stats do not fit the weights
+    assert s["throughput"]["averaging_update_ms"] > 0 and s["throughput"]["bn_recompute_s"] > 0
+    assert s["averaging"]["updates"] > 0 and s["averaging"]["export_stats"] == "recompute"
+    table = proc.stdout[proc.stdout.index("model / BN statistics"):]
+    assert all(f"averaged + {name}" in table for name in BN_SOURCES) and "online (live model)" in table
+    # per-epoch curves for the averaged model once averaging has begun
+    records = read_metrics(out)
+    assert "eval/averaged/recompute/top1" not in records[0] and "eval/averaged/recompute/top1" in records[-1]
+
+
+@pytest.mark.parametrize("kind", ["online", "averaged"])
+def test_exported_models_load_with_timm_alone_and_reproduce_top1(run2, kind):
+    """Only timm and torch: create_model(checkpoint_path=...) and a plain evaluation loop."""
+    import timm
+    import torch
+    from timm.data import create_dataset, create_transform
+
+    out, _ = run2
+    s = read_summary(out)
+    model = timm.create_model("resnet18", num_classes=10, checkpoint_path=str(out / f"model_{kind}.safetensors")).eval()
+    from framework.data import ensure_digits_folder
+
+    tf = create_transform(32, crop_pct=1.0, mean=model.pretrained_cfg["mean"], std=model.pretrained_cfg["std"])
+    val = create_dataset("", root=str(ensure_digits_folder()), split="val", transform=tf)
+    loader = torch.utils.data.DataLoader(val, batch_size=128)
+    correct = 0
+    with torch.no_grad():
+        for x, y in loader:
+            correct += (model(x).argmax(1) == y).sum().item()
+    logged = s["eval"]["online"]["top1"] if kind == "online" else s["eval"]["averaged"]["recompute"]["top1"]
+    assert abs(100.0 * correct / len(val) - logged) <= 100.0 / len(val) + 1e-9  # at most one image apart

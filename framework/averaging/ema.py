@@ -12,7 +12,7 @@ class EMAOptions:
     decay: float = spec(0.999, gt=0.0, lt=1.0)
     warmup: bool = spec(False, doc="decay = 1 - (1 + n / warmup_gamma) ** -warmup_power, capped at decay")
     warmup_gamma: float = spec(1.0, gt=0.0)
-    warmup_power: float = spec(0.75, gt=0.0)
+    warmup_power: float = spec(2 / 3, gt=0.0)
 
 
 class EMA:
@@ -20,7 +20,7 @@ class EMA:
 
     Options = EMAOptions
 
-    def __init__(self, decay: float = 0.999, warmup: bool = False, warmup_gamma: float = 1.0, warmup_power: float = 0.75):
+    def __init__(self, decay: float = 0.999, warmup: bool = False, warmup_gamma: float = 1.0, warmup_power: float = 2 / 3):
         self.decay, self.warmup, self.warmup_gamma, self.warmup_power = decay, warmup, warmup_gamma, warmup_power
 
     def current_decay(self, n: int) -> float:
