@@ -57,7 +57,7 @@ def main() -> int:
 
     from framework.builders import create_accelerator, create_model, create_optimizer, create_scheduler
     from framework.data import create_datasets, create_loaders
-    from framework.train import TrainState, train_one_epoch
+    from framework.train import TrainState, create_averaging, train_one_epoch
 
     accelerator, _ = create_accelerator(recipe.backend)
     set_seed(recipe.seed)
@@ -69,8 +69,10 @@ def main() -> int:
     opt_ours = create_optimizer(recipe.optimizer, ours)
     opt_theirs = create_optimizer(recipe.optimizer, theirs)
     ours, opt_ours, theirs, opt_theirs = accelerator.prepare(ours, opt_ours, theirs, opt_theirs)
+    # the framework's step as training runs it: with the recipe's averaging and its BN sources listening
+    averager, _ = create_averaging(recipe, accelerator.unwrap_model(ours), len(loaders.train))
     state = TrainState(ours, opt_ours, create_scheduler(recipe.schedule, opt_ours, len(loaders.train)), accelerator,
-                       recipe.optimizer.clip_grad)
+                       recipe.optimizer.clip_grad, averager, len(loaders.train))
     steps = min(args.steps, len(loaders.train))
     images_per_block = steps * recipe.data.batch_size * accelerator.num_processes
 
@@ -92,6 +94,8 @@ def main() -> int:
         theirs_ips.append(images_per_block / t_theirs)
         ratios.append(t_theirs / t_ours)
     if accelerator.is_main_process:
+        print(f"averaging {recipe.averaging.strategy} from step {averager.start_step if averager else '-'}, "
+              f"{averager.n if averager else 0} updates timed in")
         print(f"model {recipe.model.name}, data {recipe.data.source} {recipe.data.image_size}px, batch {recipe.data.batch_size}"
               f" x {accelerator.num_processes} processes on {accelerator.device.type}, {args.rounds} rounds x {steps} steps")
         print(f"framework     : {statistics.median(ours_ips):9.1f} images/s (median)")

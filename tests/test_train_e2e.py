@@ -89,6 +89,11 @@ def test_one_wandb_run_with_metrics_and_config(run2):
     for key in ("eval/online/top1", "eval/online/top5", "throughput/train_images_per_s", "train/loss", "train/lr"):
         assert last[key] == pytest.approx(metrics[key]), key
     assert run.summary["status"] == "completed"
+    # the BN comparison as a wandb Table: the live model and the averaged weights under each source
+    tables = list(files[0].parent.glob("files/media/table/eval/comparison_*.table.json"))
+    assert len(tables) == 1
+    table = json.loads(tables[0].read_text())
+    assert table["columns"][:3] == ["model", "bn_stats", "top1"] and len(table["data"]) == 6
 
 
 def test_same_seed_same_losses(run2, tmp_path_factory):

@@ -2,9 +2,9 @@
 
 torch.nn.SyncBatchNorm refuses CPU inputs in training mode and DDP refuses to wrap it on
 CPU. Here a BN layer's class is swapped for a subclass whose training forward normalises
-with statistics over the global batch: two autograd-aware all-reduces (sum and count, then
-sum of squared deviations: no E[x^2]-E[x]^2 cancellation). Their backward all-reduces the
-gradients, which gives SyncBatchNorm's input gradients. The running variance is unbiased
+with statistics over the global batch: one autograd-aware all-gather of each rank's count,
+mean and sum of squared deviations, combined exactly. Its backward routes each rank's share of
+the gradient back, which gives SyncBatchNorm's input gradients. The running variance is unbiased
 over the global batch, as in torch. Eval mode and world size 1 use the parent's forward.
 """
 
@@ -20,19 +20,25 @@ def _global_batch_norm(bn, x: torch.Tensor) -> torch.Tensor:
     dims = [0, *range(2, x.ndim)]
     shape = [1, -1] + [1] * (x.ndim - 2)
     xf = x.float()
-    count = torch.full((1,), x.numel() / x.shape[1], dtype=xf.dtype, device=x.device)
-    totals = dist_fn.all_reduce(torch.cat([xf.sum(dims), count]))
-    n = totals[-1]
-    mean = totals[:-1] / n
-    centered = xf - mean.view(shape)
-    var = dist_fn.all_reduce((centered * centered).sum(dims)) / n
+    c = x.shape[1]
+    n_local = x.numel() / c
+    mean_local = xf.mean(dims)
+    m2_local = ((xf - mean_local.view(shape)) ** 2).sum(dims)
+    count = torch.full((1,), n_local, dtype=xf.dtype, device=x.device)
+    # Chan et al.'s parallel combination of (count, mean, M2): exact, and needs nothing
+    # else to agree across ranks (as torch's SyncBatchNorm, which all-gathers the same stats).
+    stats = torch.stack(dist_fn.all_gather(torch.cat([mean_local, m2_local, count])))
+    means, m2s, counts = stats[:, :c], stats[:, c:2 * c], stats[:, -1:]
+    n = counts.sum()
+    mean = (means * counts).sum(0) / n
+    var = (m2s.sum(0) + (counts * (means - mean) ** 2).sum(0)) / n
     if bn.track_running_stats:
         with torch.no_grad():
             bn.num_batches_tracked.add_(1)
             factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
             bn.running_mean.lerp_(mean.detach(), factor)
             bn.running_var.lerp_(var.detach() * n / (n - 1), factor)
-    y = centered * torch.rsqrt(var + bn.eps).view(shape)
+    y = (xf - mean.view(shape)) * torch.rsqrt(var + bn.eps).view(shape)
     if bn.affine:
         y = y * bn.weight.view(shape) + bn.bias.view(shape)
     return y.to(x.dtype)
