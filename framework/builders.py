@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
+
 import torch
 
 from framework.schema import BackendConfig, ModelConfig, OptimizerConfig, ScheduleConfig
@@ -16,12 +20,51 @@ def resolve_precision(requested: str, cuda: bool) -> tuple[str, str | None]:
     return requested, None
 
 
-def create_accelerator(cfg: BackendConfig):
+DEEPSPEED_CONFIGS = Path(__file__).resolve().parents[1] / "launch" / "deepspeed"
+
+
+def create_deepspeed_config(cfg: BackendConfig, micro_batch_size: int, clip_grad: float | None) -> dict:
+    """launch/deepspeed/zero<stage>.json with the values the recipe decides filled in."""
+    config = json.loads((DEEPSPEED_CONFIGS / f"zero{cfg.zero_stage}.json").read_text())
+    config.update(train_micro_batch_size_per_gpu=micro_batch_size, gradient_accumulation_steps=1,
+                  gradient_clipping=clip_grad or 0.0)
+    zero = config["zero_optimization"]
+    if cfg.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+        config["zero_force_ds_cpu_optimizer"] = False  # keep the recipe's timm optimizer
+    if cfg.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    return config
+
+
+def _single_process_env() -> None:
+    """DeepSpeed wants a rendezvous even for one process started without a launcher."""
+    if "RANK" not in os.environ:
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+
+
+def create_accelerator(cfg: BackendConfig, micro_batch_size: int, clip_grad: float | None):
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
 
     cuda = torch.cuda.is_available()
     precision, note = resolve_precision(cfg.precision, cuda)
+    if cfg.type == "deepspeed":
+        from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
+
+        _single_process_env()
+        plugin = DeepSpeedPlugin(hf_ds_config=create_deepspeed_config(cfg, micro_batch_size, clip_grad))
+        # cpu=True would silently replace DeepSpeed with DDP; gloo is asked for explicitly instead
+        handlers = [] if cuda else [InitProcessGroupKwargs(backend="gloo")]
+        accelerator = Accelerator(deepspeed_plugin=plugin, mixed_precision=_PRECISION[precision], kwargs_handlers=handlers)
+        if note and accelerator.is_main_process:
+            print(f"note: {note}", flush=True)
+        return accelerator, precision
     # No BN buffer broadcast before every forward: each bn.mode makes statistics identical
     # before evaluation instead (framework/bn/__init__.py), the same under DDP and DeepSpeed.
     ddp = DistributedDataParallelKwargs(find_unused_parameters=cfg.find_unused_parameters, broadcast_buffers=False)

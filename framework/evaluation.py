@@ -28,14 +28,14 @@ def _reduce_sum(t: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(model, loader, device, num_classes: int, autocast=contextlib.nullcontext) -> dict:
+def evaluate(model, loader, device, num_classes: int, autocast=contextlib.nullcontext, dtype=torch.float32) -> dict:
     """Top-1/top-5/loss over the whole validation set; padded items (target -1) are not counted."""
     model.eval()
     k = min(5, num_classes)
     sums = torch.zeros(4, device=device, dtype=torch.float64)  # loss, top1, top5, count
     start = time.perf_counter()
     for images, targets in loader:
-        images, targets = images.to(device), targets.to(device)
+        images, targets = images.to(device, dtype), targets.to(device)
         with autocast():
             logits = model(images).float()
         valid = targets >= 0
@@ -68,13 +68,14 @@ class AveragedEval:
     """Everything needed to evaluate the averaged weights; `recompute` is the BN pass on training data."""
 
     module: torch.nn.Module
-    params: list[torch.Tensor]
+    view: object  # framework.averaging.views: how averaged tensors are swapped into the model
     live_bn: list[torch.Tensor]
     mode: object
     train_loader: object
     recompute_batches: int | None
     device: torch.device
     autocast: object
+    dtype: torch.dtype
     recompute_seconds: list[float] = field(default_factory=list)
 
     def recompute(self) -> list[torch.Tensor]:
@@ -82,7 +83,7 @@ class AveragedEval:
         start = time.perf_counter()
         devices = [self.device] if self.device.type == "cuda" else []
         with swapped(self.live_bn, clone_all(self.live_bn)), torch.random.fork_rng(devices=devices):
-            recompute_bn_stats(self.module, self.train_loader, self.recompute_batches, self.device, self.autocast)
+            recompute_bn_stats(self.module, self.train_loader, self.recompute_batches, self.device, self.autocast, self.dtype)
             stats = clone_all(self.live_bn)
         self.recompute_seconds.append(time.perf_counter() - start)
         return stats
@@ -90,13 +91,13 @@ class AveragedEval:
     def run(self, averaged: list[torch.Tensor], sources: dict, val_loader, num_classes: int):
         """Evaluate the averaged weights with each source's statistics. Returns (results, stats per source)."""
         results, stats_by_source = {}, {}
-        with swapped(self.params, averaged):
+        with self.view.swapped_in(averaged):
             for name, source in sources.items():
                 start = time.perf_counter()
                 stats = source.get(self)
                 self.mode.harmonize(stats)
                 with swapped(self.live_bn, stats):
-                    ev = evaluate(self.module, val_loader, self.device, num_classes, self.autocast)
+                    ev = evaluate(self.module, val_loader, self.device, num_classes, self.autocast, self.dtype)
                 ev["seconds"] = time.perf_counter() - start
                 results[name], stats_by_source[name] = ev, stats
         return results, stats_by_source

@@ -8,11 +8,11 @@ from pathlib import Path
 import torch
 
 
-def save_state_dict(module: torch.nn.Module, path: Path) -> None:
-    """The module's state dict as safetensors, written under a temporary name and renamed."""
+def save_state_dict(state: dict[str, torch.Tensor], path: Path) -> None:
+    """A state dict as safetensors, written under a temporary name and renamed."""
     from safetensors.torch import save_file
 
-    tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in module.state_dict().items()}
+    tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()}
     tmp = path.with_name(f".{path.name}.tmp")
     save_file(tensors, str(tmp), metadata={"format": "pt"})
     with open(tmp, "rb") as f:

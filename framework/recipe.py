@@ -82,6 +82,22 @@ def _check_semantics(r: Recipe, errors: list[str]) -> None:
         errors.append(f"schedule.name = {r.schedule.name!r}: choices are {', '.join(SCHEDULERS)}")
     if r.schedule.warmup_epochs >= r.schedule.epochs:
         errors.append(f"schedule.warmup_epochs = {r.schedule.warmup_epochs}: must be < schedule.epochs ({r.schedule.epochs})")
+    b = r.backend
+    if b.type == "ddp":
+        for key, value in (("zero_stage", b.zero_stage), ("offload_optimizer", b.offload_optimizer), ("offload_params", b.offload_params)):
+            if value:
+                errors.append(f"backend.{key} = {value!r}: only with backend.type = 'deepspeed' (got 'ddp')")
+    if b.offload_optimizer and b.zero_stage == 0:
+        errors.append("backend.offload_optimizer = True: needs backend.zero_stage 1, 2 or 3 (got 0)")
+    if b.offload_params and b.zero_stage != 3:
+        errors.append(f"backend.offload_params = True: needs backend.zero_stage 3 (got {b.zero_stage})")
+    if r.averaging.strategy != "none" and b.type == "deepspeed":
+        from framework.averaging import AVERAGERS
+
+        stages = AVERAGERS[r.averaging.strategy].zero_stages
+        if b.zero_stage not in stages:
+            errors.append(f"averaging.strategy = {r.averaging.strategy!r}: cannot run under ZeRO stage {b.zero_stage} "
+                          f"(it supports stages {', '.join(map(str, stages))})")
     d = r.data
     if d.source == "folder":
         if d.root is None:

@@ -101,9 +101,12 @@ class BNConfig:
 
 @dataclass(kw_only=True)
 class BackendConfig:
-    type: Literal["ddp"] = spec("ddp", doc="deepspeed arrives with its own issue")
+    type: Literal["ddp", "deepspeed"] = spec("ddp")
+    zero_stage: int = spec(0, ge=0, le=3, doc="DeepSpeed ZeRO stage: launch/deepspeed/zero<stage>.json")
+    offload_optimizer: bool = spec(False, doc="DeepSpeed, stages 1-3: optimizer state and fp32 master weights on CPU")
+    offload_params: bool = spec(False, doc="DeepSpeed, stage 3: parameters on CPU")
     precision: Literal["fp32", "bf16", "fp16"] = spec("fp32", doc="fp16 falls back to fp32 on CPU")
-    find_unused_parameters: bool = spec(False)
+    find_unused_parameters: bool = spec(False, doc="DDP only")
 
 
 @dataclass(kw_only=True)

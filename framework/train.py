@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from framework.averaging import WeightAverager, create_rule
+from framework.averaging.views import create_view
 from framework.bn import BN_MODES, bn_buffers, swapped
 from framework.bn.sources import BN_SOURCES
 from framework.builders import create_accelerator, create_model, create_optimizer, create_scheduler
@@ -32,6 +33,7 @@ class TrainState:
     scheduler: object
     accelerator: object
     clip_grad: float | None
+    input_dtype: torch.dtype = torch.float32  # DeepSpeed bf16/fp16 engines take inputs in their dtype
     averager: WeightAverager | None = None
     steps_per_epoch: int = 1
     num_updates: int = 0
@@ -74,7 +76,7 @@ def train_one_epoch(state: TrainState, loader, max_steps: int | None = None, pro
             images, targets = next(batches)
         except StopIteration:
             break
-        images = images.to(acc.device, non_blocking=True)
+        images = images.to(acc.device, state.input_dtype, non_blocking=True)
         targets = targets.to(acc.device, non_blocking=True)
         data_wait += time.perf_counter() - t
         with acc.autocast():
@@ -136,6 +138,7 @@ def build_summary(records: list[dict], ev: dict, averaged: dict, averaging: dict
         "name": recipe.name,
         "world_size": accelerator.num_processes,
         "backend": recipe.backend.type,
+        "zero_stage": recipe.backend.zero_stage if recipe.backend.type == "deepspeed" else None,
         "device": accelerator.device.type,
         "precision": precision,
         "epochs": len(records),
@@ -147,6 +150,8 @@ def build_summary(records: list[dict], ev: dict, averaged: dict, averaging: dict
             "data_wait_s": _mean(records, "throughput/data_wait_s"),
             "averaging_update_ms": averaging.get("update_ms"),
             "bn_recompute_s": averaging.get("recompute_s"),
+            "averaging_state_bytes_per_process": averaging.get("state_bytes_per_process"),
+            "averaging_comm_bytes_per_update": averaging.get("comm_bytes_per_update"),
         },
         "averaging": averaging,
         "eval": {
@@ -181,6 +186,16 @@ def format_table(online: dict, averaged: dict) -> str:
     return "\n".join(lines)
 
 
+def gather_digests(tensors: list[torch.Tensor]) -> list[str]:
+    """sha256 of these tensors on every rank: equal digests mean bitwise-identical values."""
+    from accelerate.utils import gather_object
+
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return gather_object([h.hexdigest()])
+
+
 def check_same_recipe(recipe: Recipe, accelerator) -> list[str]:
     """Every rank must have resolved the same recipe (overrides reach each rank on its own command line)."""
     from accelerate.utils import gather_object
@@ -193,14 +208,14 @@ def check_same_recipe(recipe: Recipe, accelerator) -> list[str]:
     return hashes
 
 
-def create_averaging(recipe: Recipe, module, steps_per_epoch: int):
-    """The weight averager and the BN-statistics sources listening to it (None, {} without averaging)."""
+def create_averaging(recipe: Recipe, module, view, steps_per_epoch: int):
+    """The weight averager over the view's tensors, and the BN-statistics sources listening to it."""
     cfg = recipe.averaging
     if cfg.strategy == "none":
         return None, {}
     total = recipe.schedule.epochs * steps_per_epoch
     start = cfg.start_epoch * steps_per_epoch if cfg.start_epoch is not None else int(cfg.start * total)
-    averager = WeightAverager(create_rule(cfg.strategy, getattr(cfg, cfg.strategy)), list(module.parameters()),
+    averager = WeightAverager(create_rule(cfg.strategy, getattr(cfg, cfg.strategy)), view.sources,
                               start_step=max(start, 1), every_steps=cfg.every_steps, offload=cfg.offload)
     live_bn = bn_buffers(module)
     sources = {name: cls(live_bn) for name, cls in BN_SOURCES.items()}
@@ -214,7 +229,7 @@ def train(recipe: Recipe) -> dict:
 
     from framework.tracking import RunLogger
 
-    accelerator, precision = create_accelerator(recipe.backend)
+    accelerator, precision = create_accelerator(recipe.backend, recipe.data.batch_size, recipe.optimizer.clip_grad)
     recipe_hashes = check_same_recipe(recipe, accelerator)
     device, cuda = accelerator.device, accelerator.device.type == "cuda"
     set_seed(recipe.seed)  # same seed on every rank: identical initial weights
@@ -229,13 +244,16 @@ def train(recipe: Recipe) -> dict:
     optimizer = create_optimizer(recipe.optimizer, model)
     model, optimizer = accelerator.prepare(model, optimizer)
     module = accelerator.unwrap_model(model)  # evaluation and BN passes run without DDP's collectives
+    dtype = next(module.parameters()).dtype
     scheduler = create_scheduler(recipe.schedule, optimizer, len(loaders.train))
-    averager, sources = create_averaging(recipe, module, len(loaders.train))
-    state = TrainState(model, optimizer, scheduler, accelerator, recipe.optimizer.clip_grad, averager, len(loaders.train))
+    view = create_view(accelerator, model)
+    averager, sources = create_averaging(recipe, module, view, len(loaders.train))
+    state = TrainState(model, optimizer, scheduler, accelerator, recipe.optimizer.clip_grad, dtype, averager,
+                       len(loaders.train))
     live_bn = bn_buffers(module)
-    avg_eval = AveragedEval(module, list(module.parameters()), live_bn, bn_mode, loaders.train,
-                            recipe.bn.recompute_batches, device, accelerator.autocast)
-    evaluate_live = lambda: evaluate(module, loaders.val, device, recipe.model.num_classes, accelerator.autocast)  # noqa: E731
+    avg_eval = AveragedEval(module, view, live_bn, bn_mode, loaders.train, recipe.bn.recompute_batches, device,
+                            accelerator.autocast, dtype)
+    evaluate_live = lambda: evaluate(module, loaders.val, device, recipe.model.num_classes, accelerator.autocast, dtype)  # noqa: E731
 
     logger = None
     if accelerator.is_main_process:
@@ -265,15 +283,22 @@ def train(recipe: Recipe) -> dict:
         averaging = {"strategy": recipe.averaging.strategy, "updates": averager.n, "start_step": averager.start_step,
                      "update_ms": averager.timer.mean_ms(),
                      "recompute_s": sum(avg_eval.recompute_seconds) / max(len(avg_eval.recompute_seconds), 1),
-                     "export_stats": recipe.bn.export_stats if averaged else None}
+                     "state_bytes_per_process": averager.avg.nbytes(),
+                     "comm_bytes_per_update": averager.comm.bytes / max(averager.n, 1),
+                     "export_stats": recipe.bn.export_stats if averaged else None,
+                     "recompute_bn_sha256_per_rank": gather_digests(bn_stats.get("recompute", []))}
     summary = build_summary(records, ev, averaged, averaging, accelerator, recipe, precision, recipe_hashes)
     out = Path(recipe.output.dir)
+    # Exports gather on every process (ZeRO-3 consolidates onto the main one), which alone writes.
     with harmonized_bn(bn_mode, live_bn):
+        online_state = accelerator.get_state_dict(model)
+    if logger is not None:
+        save_state_dict(online_state, out / "model_online.safetensors")
+    if averaged:
+        with view.swapped_in(averager.avg.tensors()), swapped(live_bn, bn_stats[recipe.bn.export_stats]):
+            averaged_state = accelerator.get_state_dict(model)
         if logger is not None:
-            save_state_dict(module, out / "model_online.safetensors")
-    if averaged and logger is not None:
-        with swapped(avg_eval.params, averager.avg.tensors()), swapped(live_bn, bn_stats[recipe.bn.export_stats]):
-            save_state_dict(module, out / "model_averaged.safetensors")
+            save_state_dict(averaged_state, out / "model_averaged.safetensors")
     if logger is not None:
         summary["output_dir"] = str(out.resolve())
         summary["wandb"] = {"mode": logger.mode, "dir": logger.wandb_dir}

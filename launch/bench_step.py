@@ -55,11 +55,12 @@ def main() -> int:
     import torch.distributed as dist
     from accelerate.utils import set_seed
 
+    from framework.averaging.views import create_view
     from framework.builders import create_accelerator, create_model, create_optimizer, create_scheduler
     from framework.data import create_datasets, create_loaders
     from framework.train import TrainState, create_averaging, train_one_epoch
 
-    accelerator, _ = create_accelerator(recipe.backend)
+    accelerator, _ = create_accelerator(recipe.backend, recipe.data.batch_size, recipe.optimizer.clip_grad)
     set_seed(recipe.seed)
     ours = create_model(recipe.model)
     theirs = copy.deepcopy(ours)
@@ -70,9 +71,11 @@ def main() -> int:
     opt_theirs = create_optimizer(recipe.optimizer, theirs)
     ours, opt_ours, theirs, opt_theirs = accelerator.prepare(ours, opt_ours, theirs, opt_theirs)
     # the framework's step as training runs it: with the recipe's averaging and its BN sources listening
-    averager, _ = create_averaging(recipe, accelerator.unwrap_model(ours), len(loaders.train))
+    view = create_view(accelerator, ours)
+    averager, _ = create_averaging(recipe, accelerator.unwrap_model(ours), view, len(loaders.train))
     state = TrainState(ours, opt_ours, create_scheduler(recipe.schedule, opt_ours, len(loaders.train)), accelerator,
-                       recipe.optimizer.clip_grad, averager, len(loaders.train))
+                       recipe.optimizer.clip_grad, next(accelerator.unwrap_model(ours).parameters()).dtype, averager,
+                       len(loaders.train))
     steps = min(args.steps, len(loaders.train))
     images_per_block = steps * recipe.data.batch_size * accelerator.num_processes
 

@@ -1,7 +1,7 @@
 """Weight averaging: a registry of rules (how much each update weighs) and the averager that applies them.
 
-A new strategy is one file with a class (`Options` dataclass, `weight(n)`, `adjust_lr`,
-`state_dict`, `load_state_dict`) plus one line in `AVERAGERS`; the recipe schema
+A new strategy is one file with a class (`Options` dataclass, `zero_stages`, `weight(n)`,
+`adjust_lr`, `state_dict`, `load_state_dict`) plus one line in `AVERAGERS`; the recipe schema
 (`averaging.<name>` options) and the shared tests pick it up.
 """
 
@@ -14,6 +14,7 @@ import torch
 from framework.averaging.ema import EMA
 from framework.averaging.swa import SWA
 from framework.averaging.tensors import AveragedTensors
+from framework.comm_meter import CommMeter
 
 AVERAGERS = {"swa": SWA, "ema": EMA}
 
@@ -72,6 +73,7 @@ class WeightAverager:
         self.n = 0
         self.listeners: list = []
         self.timer = UpdateTimer(params[0].device)
+        self.comm = CommMeter()  # every update is measured: shard-local averaging must send nothing
 
     @property
     def started(self) -> bool:
@@ -81,7 +83,7 @@ class WeightAverager:
         """Call after optimizer step number `step` (1-based)."""
         if step < self.start_step or (step - self.start_step) % self.every_steps:
             return False
-        with self.timer:
+        with self.timer, self.comm.measure():
             weight = self.rule.weight(self.n)
             self.avg.lerp_(self.params, weight)
             for listener in self.listeners:

@@ -19,6 +19,7 @@ class EMA:
     """The first update copies the weights (as AveragedModel does); update n>0 lerps by 1 - decay(n)."""
 
     Options = EMAOptions
+    zero_stages = (0, 1, 2, 3)  # shard-local: it only lerps whatever tensors it is given
 
     def __init__(self, decay: float = 0.999, warmup: bool = False, warmup_gamma: float = 1.0, warmup_power: float = 2 / 3):
         self.decay, self.warmup, self.warmup_gamma, self.warmup_power = decay, warmup, warmup_gamma, warmup_power

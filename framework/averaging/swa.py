@@ -20,6 +20,7 @@ class SWA:
     """Update n (from 0) moves the average by 1/(n+1): the arithmetic mean of all snapshots."""
 
     Options = SWAOptions
+    zero_stages = (0, 1, 2, 3)  # shard-local: it only lerps whatever tensors it is given
 
     def __init__(self, lr: float | None = None, anneal_epochs: int = 1, anneal_strategy: str = "cos"):
         self.lr, self.anneal_epochs, self.anneal_strategy = lr, anneal_epochs, anneal_strategy

@@ -22,7 +22,7 @@ from framework.bn import bn_modules
 
 @torch.no_grad()
 def recompute_bn_stats(model: torch.nn.Module, batches, max_batches: int | None = None, device=None,
-                       autocast=contextlib.nullcontext) -> int:
+                       autocast=contextlib.nullcontext, dtype=torch.float32) -> int:
     """Overwrite the BN running statistics of `model` (unwrapped). Returns the batches used."""
     bns = bn_modules(model)
     sums = {m: torch.zeros(2 * m.num_features + 1, dtype=torch.float64, device=m.running_mean.device) for m in bns}
@@ -46,7 +46,7 @@ def recompute_bn_stats(model: torch.nn.Module, batches, max_batches: int | None 
             if max_batches is not None and used >= max_batches:
                 break
             with autocast():
-                model(images.to(device) if device is not None else images)
+                model(images.to(device or images.device, dtype))
             used += 1
     finally:
         for h in hooks:
