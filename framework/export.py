@@ -8,11 +8,18 @@ from pathlib import Path
 import torch
 
 
+def detached_state_dict(accelerator, model) -> dict[str, torch.Tensor]:
+    """The full state dict as CPU copies, taken now: a plain state_dict references the live tensors,
+    which a swap context restores on exit. Call on every process (ZeRO-3 gathers onto the main one)."""
+    state = accelerator.get_state_dict(model)  # None on the other processes under ZeRO-3
+    return {k: v.detach().to("cpu", copy=True) for k, v in state.items()} if state is not None else {}
+
+
 def save_state_dict(state: dict[str, torch.Tensor], path: Path) -> None:
     """A state dict as safetensors, written under a temporary name and renamed."""
     from safetensors.torch import save_file
 
-    tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()}
+    tensors = {k: v.contiguous() for k, v in state.items()}
     tmp = path.with_name(f".{path.name}.tmp")
     save_file(tensors, str(tmp), metadata={"format": "pt"})
     with open(tmp, "rb") as f:

@@ -21,7 +21,7 @@ from framework.bn.sources import BN_SOURCES
 from framework.builders import create_accelerator, create_model, create_optimizer, create_scheduler
 from framework.data import create_datasets, create_loaders
 from framework.evaluation import AveragedEval, evaluate, harmonized_bn
-from framework.export import save_state_dict
+from framework.export import detached_state_dict, save_state_dict
 from framework.recipe import recipe_to_dict
 from framework.schema import Recipe
 
@@ -291,12 +291,12 @@ def train(recipe: Recipe) -> dict:
     out = Path(recipe.output.dir)
     # Exports gather on every process (ZeRO-3 consolidates onto the main one), which alone writes.
     with harmonized_bn(bn_mode, live_bn):
-        online_state = accelerator.get_state_dict(model)
+        online_state = detached_state_dict(accelerator, model)
     if logger is not None:
         save_state_dict(online_state, out / "model_online.safetensors")
     if averaged:
         with view.swapped_in(averager.avg.tensors()), swapped(live_bn, bn_stats[recipe.bn.export_stats]):
-            averaged_state = accelerator.get_state_dict(model)
+            averaged_state = detached_state_dict(accelerator, model)
         if logger is not None:
             save_state_dict(averaged_state, out / "model_averaged.safetensors")
     if logger is not None:

@@ -77,6 +77,13 @@ BAD = [
     ("override-no-equals", GOOD, ["optimizer.lr"], ["override 'optimizer.lr'", "expected key=value"]),
     ("override-wrong-type", GOOD, ["schedule.epochs=2.5"], ["schedule.epochs = 2.5", "expected an integer"]),
     ("override-out-of-range", GOOD, ["data.batch_size=0"], ["data.batch_size = 0", "must be >= 1"]),
+    ("zero-stage-with-ddp", GOOD + "backend: {type: ddp, zero_stage: 2}\n", [], ["backend.zero_stage = 2", "only with backend.type = 'deepspeed'"]),
+    ("zero-stage-out-of-range", GOOD, ["backend.type=deepspeed", "backend.zero_stage=4"], ["backend.zero_stage = 4", "must be <= 3"]),
+    ("offload-params-needs-zero3", GOOD + "backend: {type: deepspeed, zero_stage: 2, offload_params: true}\n", [],
+     ["backend.offload_params = True", "needs backend.zero_stage 3"]),
+    ("unknown-averaging", GOOD + "averaging: {strategy: polyak}\n", [], ["averaging.strategy = 'polyak'", "choices are 'none', 'swa', 'ema'"]),
+    ("ema-decay-out-of-range", GOOD + "averaging: {strategy: ema, ema: {decay: 1.0}}\n", [], ["averaging.ema.decay = 1.0", "must be < 1"]),
+    ("unknown-bn-mode", GOOD + "bn: {mode: global}\n", [], ["bn.mode = 'global'", "choices are 'local', 'sync', 'reduce'"]),
     ("base-cycle", "base: bad.yaml\n" + GOOD, [], ["recipe inheritance cycle"]),
 ]
 
