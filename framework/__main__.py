@@ -1,10 +1,11 @@
-"""`python -m framework validate RECIPE [overrides]`: print the resolved recipe or its errors."""
+"""`python -m framework validate RECIPE [overrides]`: print the resolved recipe or its errors.
+`python -m framework compare RUN_DIR... [--out DIR] [--wandb MODE]`: compare finished runs."""
 
 from __future__ import annotations
 
 import sys
 
-COMMANDS = ("validate",)
+COMMANDS = ("validate", "compare")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -13,6 +14,10 @@ def main(argv: list[str] | None = None) -> int:
         got = argv[0] if argv else "nothing"
         print(f"error: command {got!r}: choices are {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
+    if argv[0] == "compare":
+        from framework.compare import main as compare_main
+
+        return compare_main(argv[1:])
     from framework.cli import validate_main
 
     return validate_main(argv[1:])

@@ -65,7 +65,9 @@ def apply_override(data: dict, key: str, value) -> None:
         if not isinstance(child, dict):
             raise RecipeError(f"override {key}: '{part}' is {child!r}, not a section")
         node = child
-    node[parts[-1]] = value
+    existing = node.get(parts[-1])
+    # a section given whole (a wandb agent's nested parameter) updates the recipe's section
+    node[parts[-1]] = _merge(existing, value) if isinstance(value, dict) and isinstance(existing, dict) else value
 
 
 def _check_semantics(r: Recipe, errors: list[str]) -> None:

@@ -6,6 +6,7 @@ duplicate keys and reads `1e-5` as a string; a recipe loader must do none of tha
 
 from __future__ import annotations
 
+import ast
 import re
 from pathlib import Path
 from typing import Any
@@ -77,9 +78,15 @@ def load_yaml_file(path: Path) -> dict:
 
 
 def parse_scalar(text: str) -> Any:
-    """Parse an override value the way a recipe would, plus Python's `None` as a wandb agent prints it."""
+    """Parse an override value the way a recipe would, plus what a wandb agent prints with Python's
+    `str()`: `None`, and nested parameters as one Python literal (`{'type': 'deepspeed', 'zero_stage': 3}`)."""
     if text == "None":
         return None
+    if text[:1] in "{[" and len(text) <= 10_000:
+        try:
+            return ast.literal_eval(text)  # literals only: never evaluates code
+        except (ValueError, SyntaxError, MemoryError, RecursionError):
+            pass  # not Python: a YAML flow collection, parsed below
     return parse_yaml(text, "override value")
 
 

@@ -1,0 +1,52 @@
+"""`python -m framework compare` on real runs: varying keys as columns, seeds grouped with mean ± std."""
+
+from __future__ import annotations
+
+import statistics
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT, check_ok, clean_env, launch, read_summary
+
+from framework.wandb_file import find_run_files
+
+pytestmark = pytest.mark.slow
+RUNS = {"local-s0": ["bn.mode=local", "seed=0"], "local-s1": ["bn.mode=local", "seed=1"], "reduce-s0": ["bn.mode=reduce", "seed=0"]}
+
+
+@pytest.fixture(scope="module")
+def run_dirs(tmp_path_factory):
+    base = tmp_path_factory.mktemp("cmp")
+    dirs = {}
+    for name, args in RUNS.items():
+        dirs[name] = base / name
+        check_ok(launch([str(ROOT / "recipes" / "quickstart.yaml"), "schedule.epochs=2", "logging.wandb.mode=disabled",
+                         f"output.dir={dirs[name]}", *args], nproc=1, cwd=base))
+    return dirs
+
+
+def test_compare_groups_seeds_and_writes_table_and_plots(run_dirs, tmp_path):
+    out = tmp_path / "cmp"
+    proc = subprocess.run([sys.executable, "-m", "framework", "compare", *map(str, run_dirs.values()), "--out", str(out),
+                           "--wandb", "offline"], cwd=tmp_path, env=clean_env(), capture_output=True, text=True, timeout=300)
+    check_ok(proc)
+    table = (out / "compare.md").read_text()
+    lines = table.splitlines()
+    assert lines[0].startswith("| bn.mode | runs | live top1 | avg+initial top1")  # only what differs; seed groups
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")] for line in lines[2:]}
+    assert set(rows) == {"local", "reduce"} and rows["local"][1] == "2" and rows["reduce"][1] == "1"
+    live = [read_summary(run_dirs[n])["eval"]["online"]["top1"] for n in ("local-s0", "local-s1")]
+    assert rows["local"][2] == f"{statistics.fmean(live):.2f} ± {statistics.stdev(live):.2f}"
+    assert rows["reduce"][2] == f"{read_summary(run_dirs['reduce-s0'])['eval']['online']['top1']:.2f}"
+    assert table.strip() in proc.stdout
+    for png in ("top1_per_epoch.png", "throughput.png"):
+        data = (out / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+    assert len(find_run_files(out)) == 1  # the comparison as a wandb run of its own
+
+
+def test_compare_refuses_a_missing_run(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "framework", "compare", str(tmp_path / "nope")], cwd=tmp_path,
+                          env=clean_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().startswith("error: run dir") and "Traceback" not in proc.stderr

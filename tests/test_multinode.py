@@ -1,0 +1,45 @@
+"""Several machines, tested as two "machines" of one process each on loopback (--num_machines 2)."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+from conftest import (
+    ACCELERATE,
+    ENTRY,
+    ROOT,
+    check_ok,
+    clean_env,
+    free_port,
+    launch,
+    read_metrics,
+    read_summary,
+)
+
+pytestmark = pytest.mark.slow
+ARGS = [str(ROOT / "recipes" / "quickstart.yaml"), "schedule.epochs=2", "logging.wandb.mode=disabled"]
+
+
+def test_two_machines_agree_with_one_machine_of_two_processes(tmp_path):
+    single = tmp_path / "single"
+    check_ok(launch([*ARGS, f"output.dir={single}"], nproc=2, cwd=tmp_path))
+
+    multi, port = tmp_path / "multi", free_port()
+    procs = [
+        subprocess.Popen(
+            [str(ACCELERATE), "launch", "--config_file", str(ROOT / "launch" / "multinode" / "accelerate_multinode.yaml"),
+             "--num_machines", "2", "--num_processes", "2", "--machine_rank", str(rank),
+             "--main_process_ip", "127.0.0.1", "--main_process_port", str(port), str(ENTRY), *ARGS, f"output.dir={multi}"],
+            cwd=tmp_path, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for rank in (0, 1)
+    ]
+    for p in procs:
+        stdout, stderr = p.communicate(timeout=600)
+        check_ok(subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr))
+
+    a, b = read_summary(single), read_summary(multi)
+    assert b["world_size"] == 2
+    assert [r["train/loss"] for r in read_metrics(single)] == [r["train/loss"] for r in read_metrics(multi)]
+    assert b["eval"]["online"] == a["eval"]["online"]
+    assert b["eval"]["averaged"]["recompute"]["top1"] == a["eval"]["averaged"]["recompute"]["top1"]
