@@ -17,6 +17,7 @@ from pathlib import Path
 import yaml
 
 from framework.bn.sources import BN_SOURCES
+from framework.tracking import flatten
 
 NOT_COMPARED = ("name", "seed", "output.", "logging.")  # bookkeeping, or what groups runs
 
@@ -29,22 +30,12 @@ class RunResult:
     records: list[dict]
 
 
-def _flatten(data: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in data.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[prefix + key] = value
-    return out
-
-
 def load_run(path: Path) -> RunResult:
     for name in ("recipe.yaml", "summary.json", "metrics.jsonl"):
         if not (path / name).is_file():
             raise SystemExit(f"error: run dir {str(path)!r}: no {name} (not a finished run)")
     records = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return RunResult(path, _flatten(yaml.safe_load((path / "recipe.yaml").read_text())),
+    return RunResult(path, flatten(yaml.safe_load((path / "recipe.yaml").read_text()), sep="."),
                      json.loads((path / "summary.json").read_text()), records)
 
 
@@ -54,10 +45,18 @@ def varying_keys(runs: list[RunResult]) -> list[str]:
             and len({json.dumps(r.recipe.get(k), sort_keys=True) for r in runs}) > 1]
 
 
+def _value(r: RunResult, key: str) -> str:
+    """A recipe value for the table; options of an averaging strategy the run does not use show as '-'."""
+    parts = key.split(".")
+    if parts[0] == "averaging" and len(parts) == 3 and parts[1] != r.recipe.get("averaging.strategy"):
+        return "-"
+    return str(r.recipe.get(key))
+
+
 def group_runs(runs: list[RunResult], keys: list[str]) -> dict[tuple, list[RunResult]]:
     groups: dict[tuple, list[RunResult]] = {}
     for r in runs:
-        groups.setdefault(tuple(str(r.recipe.get(k)) for k in keys), []).append(r)
+        groups.setdefault(tuple(_value(r, k) for k in keys), []).append(r)
     return groups
 
 

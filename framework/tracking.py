@@ -89,7 +89,7 @@ class RunLogger:
     def finish(self, summary: dict) -> None:
         write_atomic(self.out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
         if self.run is not None:
-            self.run.summary.update(_flatten(summary))
+            self.run.summary.update(flatten(summary))
             self.run.finish()
 
     @property
@@ -97,11 +97,12 @@ class RunLogger:
         return str(Path(self.run.dir).parent.resolve()) if self.run is not None else None  # run.dir is its files/ folder
 
 
-def _flatten(data: dict, prefix: str = "") -> dict:
+def flatten(data: dict, sep: str = "/", prefix: str = "") -> dict:
+    """Nested dicts to one level: {"a": {"b": 1}} -> {"a/b": 1}, or "a.b" with sep="."."""
     out = {}
     for key, value in data.items():
         if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}/"))
+            out.update(flatten(value, sep, f"{prefix}{key}{sep}"))
         else:
             out[prefix + key] = value
     return out
