@@ -48,19 +48,22 @@ def _single_process_env() -> None:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
 
 
-def create_accelerator(cfg: BackendConfig, micro_batch_size: int, clip_grad: float | None):
+def create_accelerator(cfg: BackendConfig, micro_batch_size: int, clip_grad: float | None, timeout_s: int = 300):
+    """`timeout_s`: how long a collective waits for a dead or hung peer (torch's defaults: 30 min gloo)."""
+    from datetime import timedelta
+
     from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs
+    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
     cuda = torch.cuda.is_available()
     precision, note = resolve_precision(cfg.precision, cuda)
     if cfg.type == "deepspeed":
-        from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
+        from accelerate.utils import DeepSpeedPlugin
 
         _single_process_env()
         plugin = DeepSpeedPlugin(hf_ds_config=create_deepspeed_config(cfg, micro_batch_size, clip_grad))
         # cpu=True would silently replace DeepSpeed with DDP; gloo is asked for explicitly instead
-        handlers = [] if cuda else [InitProcessGroupKwargs(backend="gloo")]
+        handlers = [InitProcessGroupKwargs(backend="nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s))]
         accelerator = Accelerator(deepspeed_plugin=plugin, mixed_precision=_PRECISION[precision], kwargs_handlers=handlers)
         if note and accelerator.is_main_process:
             print(f"note: {note}", flush=True)
@@ -70,7 +73,8 @@ def create_accelerator(cfg: BackendConfig, micro_batch_size: int, clip_grad: flo
     ddp = DistributedDataParallelKwargs(find_unused_parameters=cfg.find_unused_parameters, broadcast_buffers=False)
     # On a CPU machine a plain Accelerator under a multi-process launch tells every rank it is
     # rank 0 of 1; cpu=True gives MULTI_CPU over gloo with real ranks.
-    accelerator = Accelerator(cpu=not cuda, mixed_precision=_PRECISION[precision], kwargs_handlers=[ddp])
+    pg = InitProcessGroupKwargs(timeout=timedelta(seconds=timeout_s))
+    accelerator = Accelerator(cpu=not cuda, mixed_precision=_PRECISION[precision], kwargs_handlers=[ddp, pg])
     if note and accelerator.is_main_process:
         print(f"note: {note}", flush=True)
     return accelerator, precision

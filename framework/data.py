@@ -89,11 +89,46 @@ class PaddedEval(Dataset):
         return image, target if i < self.real else -1
 
 
+class ShardSampler(DistributedSampler):
+    """DistributedSampler(shuffle=True, drop_last=True), and resumable inside an epoch.
+
+    `skip(world, per_rank)` leaves out what `world` processes had drawn when stopped after
+    `per_rank` samples each, so the rest of the epoch is seen exactly once, with this world size
+    or another. With the same world size it continues each process's own sequence exactly.
+    """
+
+    def __init__(self, dataset, num_replicas: int, rank: int, seed: int):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        self.consumed: tuple[int, int] | None = None
+
+    def skip(self, world: int, per_rank: int) -> None:
+        self.consumed = (world, per_rank) if per_rank else None
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        self.consumed = None
+
+    def _order(self) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(len(self.dataset), generator=g).tolist()
+        if self.consumed is not None:
+            world, k = self.consumed
+            used = set(order[: k * world])  # the first k of each old rank's strided shard
+            order = [i for i in order if i not in used]
+        return order[: len(order) - len(order) % self.num_replicas]
+
+    def __iter__(self):
+        return iter(self._order()[self.rank:: self.num_replicas])
+
+    def __len__(self) -> int:
+        return len(self._order()) // self.num_replicas
+
+
 @dataclass
 class Loaders:
     train: DataLoader
     val: DataLoader
-    train_sampler: DistributedSampler
+    train_sampler: ShardSampler
     num_val_images: int
 
 
@@ -126,7 +161,7 @@ def create_datasets(cfg: DataConfig, model, num_classes: int, in_chans: int, see
 
 
 def create_loaders(cfg: DataConfig, train_ds, val_ds, rank: int, world_size: int, seed: int, pin_memory: bool) -> Loaders:
-    train_sampler = DistributedSampler(train_ds, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
+    train_sampler = ShardSampler(train_ds, num_replicas=world_size, rank=rank, seed=seed)
     padded = PaddedEval(val_ds, world_size)
     val_sampler = DistributedSampler(padded, num_replicas=world_size, rank=rank, shuffle=False)
     common = dict(num_workers=cfg.workers, pin_memory=pin_memory, persistent_workers=cfg.workers > 0)

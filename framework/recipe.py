@@ -100,6 +100,10 @@ def _check_semantics(r: Recipe, errors: list[str]) -> None:
         if b.zero_stage not in stages:
             errors.append(f"averaging.strategy = {r.averaging.strategy!r}: cannot run under ZeRO stage {b.zero_stage} "
                           f"(it supports stages {', '.join(map(str, stages))})")
+    if b.type == "deepspeed" and r.faults.nonfinite == "skip":
+        errors.append("faults.nonfinite = 'skip': not under DeepSpeed, whose engine steps inside backward; use 'raise'")
+    if b.type == "deepspeed" and r.checkpoint.every is not None:
+        errors.append(f"checkpoint.every = {r.checkpoint.every}: checkpoints are not yet supported under DeepSpeed (DDP only)")
     d = r.data
     if d.source == "folder":
         if d.root is None:

@@ -130,6 +130,20 @@ class OutputConfig:
 
 
 @dataclass(kw_only=True)
+class CheckpointConfig:
+    every: int | None = spec(None, ge=1, doc="checkpoint every N units; SIGTERM always checkpoints")
+    unit: Literal["steps", "epochs"] = spec("epochs")
+    keep: int = spec(2, ge=1, doc="complete checkpoints kept; older ones go once a newer one is complete")
+
+
+@dataclass(kw_only=True)
+class FaultsConfig:
+    nonfinite: Literal["raise", "skip"] = spec("raise", doc="what a non-finite loss or gradient does")
+    max_consecutive_skips: int = spec(5, ge=0)
+    collective_timeout_s: int = spec(300, ge=10, doc="a dead or hung peer stops the others after this long")
+
+
+@dataclass(kw_only=True)
 class Recipe:
     name: str = spec(doc="defaults to the recipe file's name")
     seed: int = spec(0, ge=0)
@@ -142,6 +156,9 @@ class Recipe:
     backend: BackendConfig = spec(factory=BackendConfig)
     logging: LoggingConfig = spec(factory=LoggingConfig)
     output: OutputConfig = spec(factory=OutputConfig)
+    checkpoint: CheckpointConfig = spec(factory=CheckpointConfig)
+    faults: FaultsConfig = spec(factory=FaultsConfig)
+    resume: str = spec("auto", doc="auto (newest complete checkpoint in output.dir), never, or a checkpoint folder")
 
 
 def _type_name(tp) -> str:

@@ -54,13 +54,14 @@ def resolve_wandb_mode(mode: str) -> str:
 class RunLogger:
     """Writes the run's files and mirrors every record to wandb. Create on the main process only."""
 
-    def __init__(self, out_dir: Path, recipe_dict: dict, wandb_cfg, run_name: str):
+    def __init__(self, out_dir: Path, recipe_dict: dict, wandb_cfg, run_name: str, records: list[dict]):
+        """`records`: what a resumed run had logged up to its checkpoint (metrics.jsonl is rewritten to exactly that)."""
         self.out_dir = out_dir
         out_dir.mkdir(parents=True, exist_ok=True)
         self.config = scrub_secrets(recipe_dict)
         write_atomic(out_dir / "recipe.yaml", dump_yaml(self.config))
         self.metrics_path = out_dir / "metrics.jsonl"
-        self.metrics_path.write_text("")
+        write_atomic(self.metrics_path, "".join(json.dumps(r) + "\n" for r in records))
         self.mode = resolve_wandb_mode(wandb_cfg.mode)
         self.run = None
         if self.mode != "disabled":
@@ -85,6 +86,11 @@ class RunLogger:
             import wandb
 
             self.run.log({key: wandb.Table(columns=columns, data=rows)})
+
+    def interrupt(self) -> None:
+        if self.run is not None:
+            self.run.mark_preempting()
+            self.run.finish(exit_code=143)
 
     def finish(self, summary: dict) -> None:
         write_atomic(self.out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")

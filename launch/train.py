@@ -18,15 +18,30 @@ def main(argv: list[str]) -> int:
 
     import torch.distributed as dist
 
-    from framework.train import train
+    from framework.faults import NonFiniteError
+    from framework.train import Interrupted, train
 
-    summary = train(recipe)
+    try:
+        summary = train(recipe)
+    except Interrupted as stop:
+        if os.environ.get("LOCAL_RANK", "0") == "0":
+            print(f"interrupted: {stop.message}", flush=True)
+        _shutdown(dist)
+        return 143
+    except NonFiniteError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        _shutdown(dist)
+        return 1
     if summary.get("output_dir"):  # main process only
         print("final: " + json.dumps({"online": summary["eval"]["online"], "throughput": summary["throughput"]}))
         print(f"run files: {summary['output_dir']}" + (f"  (wandb: {summary['wandb']['dir']})" if summary["wandb"]["dir"] else ""))
+    _shutdown(dist)
+    return 0
+
+
+def _shutdown(dist) -> None:
     if dist.is_initialized():
         dist.destroy_process_group()  # gloo can abort at exit without it
-    return 0
 
 
 if __name__ == "__main__":

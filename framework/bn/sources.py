@@ -1,7 +1,7 @@
 """Where the averaged weights get their BN statistics: one small class per way, evaluated side by side.
 
 Each source is built at the start of training with the live BN buffers, hears every averaging
-update through `on_update(weight, n)`, and gives the statistics to evaluate with via `get(ctx)`,
+update through `on_update(weight, n)`, has a `state_dict` for checkpoints, and gives the statistics to evaluate with via `get(ctx)`,
 where `ctx.recompute()` runs a fresh pass for the averaged weights. A new way is one class
 here (or one file) plus a line in `BN_SOURCES`; the summary, table and tests pick it up.
 """
@@ -27,7 +27,10 @@ class Initial:
         return clone_all(self.stats)
 
     def state_dict(self) -> dict:
-        return {f"t{i}": t for i, t in enumerate(self.stats)}
+        return {"stats": self.stats}
+
+    def load_state_dict(self, state: dict) -> None:
+        torch._foreach_copy_(self.stats, state["stats"])
 
 
 class SwaStart:
@@ -44,7 +47,10 @@ class SwaStart:
         return clone_all(self.stats)
 
     def state_dict(self) -> dict:
-        return {f"t{i}": t for i, t in enumerate(self.stats or [])}
+        return {"stats": self.stats}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.stats = clone_all(state["stats"]) if state["stats"] is not None else None
 
 
 class Online:
@@ -60,7 +66,10 @@ class Online:
         return clone_all(self.stats)
 
     def state_dict(self) -> dict:
-        return {f"t{i}": t for i, t in enumerate(self.stats)}
+        return {"stats": self.stats}
+
+    def load_state_dict(self, state: dict) -> None:
+        torch._foreach_copy_(self.stats, state["stats"])
 
 
 class Averaged:
@@ -78,7 +87,13 @@ class Averaged:
         return clone_all(self.avg.tensors())
 
     def state_dict(self) -> dict:
-        return self.avg.state_dict() if self.avg is not None else {}
+        return {"stats": self.avg.tensors() if self.avg is not None else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.avg = None
+        if state["stats"] is not None:
+            self.avg = AveragedTensors(self.live)
+            torch._foreach_copy_(self.avg.avg, state["stats"])
 
 
 class Recompute:
@@ -94,7 +109,10 @@ class Recompute:
         return ctx.recompute()
 
     def state_dict(self) -> dict:
-        return {}
+        return {"stats": None}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
 
 
 BN_SOURCES = {"initial": Initial, "swa_start": SwaStart, "online": Online, "averaged": Averaged, "recompute": Recompute}

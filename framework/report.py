@@ -1,0 +1,131 @@
+"""What a run reports: per-epoch records, the summary, console lines and cross-rank checks."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import resource
+import sys
+
+import torch
+
+from framework.recipe import recipe_to_dict
+from framework.schema import Recipe
+
+
+def _reduce(accelerator, values: list[float] | torch.Tensor, op: str = "sum") -> torch.Tensor:
+    t = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=torch.float64)
+    return accelerator.reduce(t.to(accelerator.device), reduction=op).cpu()
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def epoch_record(epoch: int, stats: dict, ev: dict, averaged: dict, lr: float, accelerator) -> dict:
+    world = accelerator.num_processes
+    loss_sum, images, data_wait = _reduce(accelerator, torch.stack([
+        stats["loss_sum"].double().cpu(), torch.tensor(float(stats["images"]), dtype=torch.float64),
+        torch.tensor(stats["data_wait"], dtype=torch.float64)])).tolist()
+    seconds, peak = _reduce(accelerator, [stats["seconds"], peak_memory_mb(accelerator.device)], "max").tolist()
+    steps = max(stats["steps"], 1)
+    return {
+        "epoch": epoch,
+        "train/loss": loss_sum / max(images, 1),
+        "train/lr": lr,
+        "eval/online/top1": ev["top1"], "eval/online/top5": ev["top5"], "eval/online/loss": ev["loss"],
+        "eval/images": ev["images"],
+        "throughput/train_images_per_s": images / seconds,
+        "throughput/train_images_per_s_per_process": images / seconds / world,
+        "throughput/step_time_s": seconds / steps,
+        "throughput/data_wait_s": data_wait / world / steps,
+        "memory/peak_mb": peak,
+        "time/epoch_s": seconds,
+        **{f"eval/averaged/{name}/{k}": r[k] for name, r in averaged.items() for k in ("top1", "top5", "loss")},
+    }
+
+
+def _mean(records: list[dict], key: str) -> float:
+    # The first epoch pays for warm-up (allocator, caches): leave it out when there are others.
+    values = [r[key] for r in (records[1:] if len(records) > 1 else records)]
+    return sum(values) / len(values)
+
+
+def build_summary(records: list[dict], ev: dict, averaged: dict, averaging: dict, accelerator, recipe: Recipe,
+                  precision: str, recipe_hashes: list[str]) -> dict:
+    return {
+        "status": "completed",
+        "name": recipe.name,
+        "world_size": accelerator.num_processes,
+        "backend": recipe.backend.type,
+        "zero_stage": recipe.backend.zero_stage if recipe.backend.type == "deepspeed" else None,
+        "device": accelerator.device.type,
+        "precision": precision,
+        "epochs": len(records),
+        "recipe_sha256_per_rank": recipe_hashes,
+        "throughput": {
+            "train_images_per_s": _mean(records, "throughput/train_images_per_s"),
+            "train_images_per_s_per_process": _mean(records, "throughput/train_images_per_s_per_process"),
+            "step_time_s": _mean(records, "throughput/step_time_s"),
+            "data_wait_s": _mean(records, "throughput/data_wait_s"),
+            "averaging_update_ms": averaging.get("update_ms"),
+            "bn_recompute_s": averaging.get("recompute_s"),
+            "averaging_state_bytes_per_process": averaging.get("state_bytes_per_process"),
+            "averaging_comm_bytes_per_update": averaging.get("comm_bytes_per_update"),
+        },
+        "averaging": averaging,
+        "eval": {
+            "online": {k: ev[k] for k in ("top1", "top5", "loss", "images")},
+            "averaged": {name: {k: r[k] for k in ("top1", "top5", "loss", "seconds")} for name, r in averaged.items()},
+        },
+        "memory": {"peak_mb": max(r["memory/peak_mb"] for r in records)},
+    }
+
+
+def progress_bar(enabled: bool, total: int, epoch: int):
+    if not enabled or os.environ.get("CI", "").lower() in ("1", "true") or not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True)
+
+
+def format_record(r: dict) -> str:
+    line = (f"epoch {r['epoch']:3d} | loss {r['train/loss']:.4f} | top1 {r['eval/online/top1']:6.2f} "
+            f"| top5 {r['eval/online/top5']:6.2f} | eval loss {r['eval/online/loss']:.4f} | lr {r['train/lr']:.2e} "
+            f"| {r['throughput/train_images_per_s']:8.1f} img/s | step {1000 * r['throughput/step_time_s']:.1f} ms")
+    averaged = [(k.split("/")[2], v) for k, v in r.items() if k.startswith("eval/averaged/") and k.endswith("/top1")]
+    return line + ("".join(f"\n    averaged[{name}] top1 {v:6.2f}" for name, v in averaged) if averaged else "")
+
+
+def format_table(online: dict, averaged: dict) -> str:
+    """The end-of-run comparison: the live model and the averaged weights under each BN source."""
+    rows = [("online (live model)", online)] + [(f"averaged + {name}", r) for name, r in averaged.items()]
+    lines = [f"{'model / BN statistics':28s} {'top1':>7s} {'top5':>7s} {'loss':>8s}"]
+    lines += [f"{label:28s} {r['top1']:7.2f} {r['top5']:7.2f} {r['loss']:8.4f}" for label, r in rows]
+    return "\n".join(lines)
+
+
+def gather_digests(tensors: list[torch.Tensor]) -> list[str]:
+    """sha256 of these tensors on every rank: equal digests mean bitwise-identical values."""
+    from accelerate.utils import gather_object
+
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return gather_object([h.hexdigest()])
+
+
+def check_same_recipe(recipe: Recipe, accelerator) -> list[str]:
+    """Every rank must have resolved the same recipe (overrides reach each rank on its own command line)."""
+    from accelerate.utils import gather_object
+
+    digest = hashlib.sha256(json.dumps(recipe_to_dict(recipe), sort_keys=True).encode()).hexdigest()
+    hashes = gather_object([digest])
+    if len(set(hashes)) != 1:
+        raise SystemExit(f"ranks resolved different recipes (sha256 per rank: {hashes}); "
+                         "pass the same recipe and overrides to every process")
+    return hashes

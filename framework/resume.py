@@ -1,0 +1,91 @@
+"""What a checkpoint holds for a training run, and putting it back.
+
+Every process saves its own state (under `local` BN its buffers differ); loading with another
+world size takes rank 0's weights and optimizer state and says so, and the sampler then serves
+every sample of the interrupted epoch that no process had seen yet.
+"""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+
+
+def capture(state, sources: dict, position: dict, epoch_stats: dict | None, records: list[dict]) -> dict:
+    module = state.accelerator.unwrap_model(state.model)
+    rng = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    return {
+        "model": module.state_dict(),
+        "optimizer": state.optimizer.state_dict(),
+        "scheduler": state.scheduler.state_dict(),
+        "averager": state.averager.state_dict() if state.averager is not None else None,
+        "sources": {name: s.state_dict() for name, s in sources.items()},
+        "rng": rng,
+        "position": {**position, "num_updates": state.num_updates},
+        "epoch_stats": epoch_stats,
+        "records": records,
+    }
+
+
+def restore(saved: dict, state, sources: dict, same_world: bool) -> None:
+    module = state.accelerator.unwrap_model(state.model)
+    module.load_state_dict(saved["model"])
+    state.optimizer.load_state_dict(saved["optimizer"])
+    state.scheduler.load_state_dict(saved["scheduler"])
+    if state.averager is not None and saved["averager"] is not None:
+        state.averager.load_state_dict(saved["averager"])
+    for name, source in sources.items():
+        source.load_state_dict(saved["sources"][name])
+    state.num_updates = saved["position"]["num_updates"]
+    if same_world:  # another world size has other streams anyway: keep this run's seeds
+        rng = saved["rng"]
+        torch.set_rng_state(rng["torch"])
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def resume_run(recipe, out, state, sources: dict, accelerator) -> dict:
+    """Load the checkpoint `recipe.resume` names (auto: the newest complete one). Where training starts."""
+    from pathlib import Path
+
+    import torch.distributed as dist
+
+    from framework.checkpoint import CheckpointError, load_rank_state, resolve_resume
+
+    world = accelerator.num_processes
+    fresh = {"epoch": 0, "step_in_epoch": 0, "world_size": world, "epoch_stats": None, "records": []}
+    root = out / "checkpoints"
+    if root.exists() and not root.resolve().is_relative_to(out.resolve()):
+        raise SystemExit(f"error: {root} points outside output.dir ({out}); refusing to read or write there")
+    choice = [None]
+    if accelerator.is_main_process:
+        try:
+            path = resolve_resume(recipe.resume, root)
+            choice = [str(path) if path else None]
+        except CheckpointError as err:
+            choice = [f"error: {err}"]
+    if dist.is_initialized():
+        dist.broadcast_object_list(choice, src=0)  # every process loads the one the main process chose
+    if choice[0] is None:
+        return fresh
+    if choice[0].startswith("error: "):
+        raise SystemExit(choice[0])
+    saved = load_rank_state(Path(choice[0]), accelerator.process_index)
+    pos = saved["position"]
+    same = pos["world_size"] == world
+    restore(saved, state, sources, same)
+    if accelerator.is_main_process:
+        note = "" if same else (f"; world size {world} (was {pos['world_size']}): weights and optimizer from rank 0, "
+                                "the rest of the epoch's samples re-sharded")
+        print(f"resumed from {choice[0]} at epoch {pos['epoch'] + 1}, step {pos['step_in_epoch']}{note}", flush=True)
+    stats = saved["epoch_stats"] if same else None
+    if stats is not None:
+        stats["loss_sum"] = stats["loss_sum"].to(accelerator.device)
+    return {"epoch": pos["epoch"], "step_in_epoch": pos["step_in_epoch"], "world_size": pos["world_size"],
+            "epoch_stats": stats, "records": saved["records"]}
