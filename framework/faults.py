@@ -2,8 +2,9 @@
 
 One small all-reduce per step carries both flags, so every process acts at the same step: a
 stop is honoured after the step completes (a checkpoint then captures a consistent state), and
-a non-finite step is refused before the optimizer touches the weights, so weights, averaged
-weights, BN statistics and checkpoints never take non-finite values.
+a non-finite step is refused before the optimizer touches the weights, with the BN statistics
+its forward updated put back, so weights, averaged weights, BN statistics and checkpoints never
+take non-finite values.
 """
 
 from __future__ import annotations
@@ -32,12 +33,13 @@ class StepControl:
 
         signal.signal(signal.SIGTERM, request_stop)
 
-    def check(self, loss: torch.Tensor, params, step: int) -> bool:
-        """After backward, before the optimizer step. True: take the step; False: skip it."""
-        grads = [p.grad for p in params if p.grad is not None]
+    def check(self, loss: torch.Tensor, params, step: int, buffers: list[torch.Tensor] = ()) -> bool:
+        """After backward, before the optimizer step. True: take the step; False: skip it.
+        `buffers`: BN running statistics the forward just updated (they can overflow while the loss stays finite)."""
+        watched = [p.grad for p in params if p.grad is not None] + list(buffers)
         finite = torch.isfinite(loss.detach()).all()
-        if grads:
-            finite = finite & torch.stack(torch._foreach_norm(grads)).isfinite().all()
+        if watched:
+            finite = finite & torch.stack(torch._foreach_norm(watched)).isfinite().all()
         flags = torch.stack([(~finite).float(), torch.tensor(float(self.stop_requested), device=loss.device)])
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
@@ -48,7 +50,7 @@ class StepControl:
             return True
         rank = dist.get_rank() if dist.is_initialized() else 0
         if self.policy == "raise":
-            raise NonFiniteError(f"non-finite loss or gradients at step {step} (seen from rank {rank}); "
+            raise NonFiniteError(f"non-finite loss, gradients or BN statistics at step {step} (seen from rank {rank}); "
                                  "faults.nonfinite = 'skip' skips such steps instead")
         self.consecutive_skips += 1
         self.skipped += 1

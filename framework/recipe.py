@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
-from framework.errors import RecipeError
+from framework.errors import RecipeError, show
 from framework.schema import Recipe, convert_section, field_paths, suggest, to_dict
 from framework.yaml_io import load_yaml_file, parse_scalar
 
@@ -57,13 +57,13 @@ def load_raw(path: Path, _chain: tuple[Path, ...] = ()) -> dict:
 def apply_override(data: dict, key: str, value) -> None:
     valid = field_paths(Recipe)
     if key not in valid:
-        raise RecipeError(f"override {key}: unknown key{suggest(key, valid)}")
+        raise RecipeError(f"override {show(key)}: unknown key{suggest(key, valid)}")
     node = data
     parts = key.split(".")
     for part in parts[:-1]:
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            raise RecipeError(f"override {key}: '{part}' is {child!r}, not a section")
+            raise RecipeError(f"override {show(key)}: {part!r} is {child!r}, not a section")
         node = child
     existing = node.get(parts[-1])
     # a section given whole (a wandb agent's nested parameter) updates the recipe's section

@@ -18,6 +18,7 @@ from typing import Any, Literal
 from framework.averaging import AVERAGERS
 from framework.bn import BN_MODES
 from framework.bn.sources import BN_SOURCES
+from framework.errors import show
 from framework.fields import spec
 
 
@@ -237,7 +238,7 @@ def convert_section(cls, data: dict, errors: list[str], prefix: str = ""):
     for key in data:
         if key not in fields:
             errors.append(
-                f"{prefix}{key}: unknown key{suggest(str(key), fields)} (valid keys in "
+                f"{prefix}{show(key)}: unknown key{suggest(str(key), fields)} (valid keys in "
                 f"{prefix.rstrip('.') or 'the recipe'}: {', '.join(fields)})"
             )
     kwargs = {}

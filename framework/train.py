@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -51,6 +51,7 @@ class TrainState:
     input_dtype: torch.dtype = torch.float32  # DeepSpeed bf16/fp16 engines take inputs in their dtype
     averager: WeightAverager | None = None
     steps_per_epoch: int = 1
+    bn_buffers: list = field(default_factory=list)  # live BN statistics, put back when a step is refused
     num_updates: int = 0
 
     def after_update(self) -> None:
@@ -84,6 +85,7 @@ def train_one_epoch(state: TrainState, loader, max_steps: int | None = None, pro
     model.train()
     stats = stats or new_epoch_stats(acc.device)
     taken = 0
+    bn_backup = [t.clone() for t in state.bn_buffers] if control is not None else []
     _sync(acc.device)
     start = time.perf_counter()
     batches = iter(loader)
@@ -96,17 +98,21 @@ def train_one_epoch(state: TrainState, loader, max_steps: int | None = None, pro
         images = images.to(acc.device, state.input_dtype, non_blocking=True)
         targets = targets.to(acc.device, non_blocking=True)
         stats["data_wait"] += time.perf_counter() - t
+        if bn_backup:
+            torch._foreach_copy_(bn_backup, state.bn_buffers)
         with acc.autocast():
             loss = F.cross_entropy(model(images), targets)
         opt.zero_grad(set_to_none=True)
         acc.backward(loss)
-        if control is None or control.check(loss, model.parameters(), state.num_updates + 1):
+        if control is None or control.check(loss, model.parameters(), state.num_updates + 1, state.bn_buffers):
             if state.clip_grad is not None:
                 acc.clip_grad_norm_(model.parameters(), state.clip_grad)
             opt.step()
             state.after_update()
             stats["loss_sum"] += loss.detach().double() * images.shape[0]
             stats["images"] += images.shape[0]
+        elif bn_backup:
+            torch._foreach_copy_(state.bn_buffers, bn_backup)  # the refused forward's statistics go too
         stats["steps"] += 1
         taken += 1
         if progress is not None:
@@ -159,9 +165,9 @@ def train(recipe: Recipe) -> dict:
     scheduler = create_scheduler(recipe.schedule, optimizer, len(loaders.train))
     view = create_view(accelerator, model)
     averager, sources = create_averaging(recipe, module, view, len(loaders.train))
-    state = TrainState(model, optimizer, scheduler, accelerator, recipe.optimizer.clip_grad, dtype, averager,
-                       len(loaders.train))
     live_bn = bn_buffers(module)
+    state = TrainState(model, optimizer, scheduler, accelerator, recipe.optimizer.clip_grad, dtype, averager,
+                       len(loaders.train), live_bn)
     avg_eval = AveragedEval(module, view, live_bn, bn_mode, loaders.train, recipe.bn.recompute_batches, device,
                             accelerator.autocast, dtype)
     evaluate_live = lambda: evaluate(module, loaders.val, device, recipe.model.num_classes, accelerator.autocast, dtype)  # noqa: E731

@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from framework.errors import RecipeError
+from framework.errors import RecipeError, show
 
 # YAML 1.2 floats: the exponent does not need a dot (`1e-5`, `3E2`).
 _FLOAT = re.compile(
@@ -41,7 +41,7 @@ class _RecipeLoader(yaml.SafeLoader):
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=True)
             if key in seen:
-                raise RecipeError(f"duplicate key '{key}' (line {key_node.start_mark.line + 1}): each key may appear once")
+                raise RecipeError(f"duplicate key {show(key)!r} (line {key_node.start_mark.line + 1}): each key may appear once")
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
 

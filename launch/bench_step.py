@@ -58,9 +58,11 @@ def main() -> int:
     from framework.averaging.views import create_view
     from framework.builders import create_accelerator, create_model, create_optimizer, create_scheduler
     from framework.data import create_datasets, create_loaders
+    from framework.faults import StepControl
     from framework.train import TrainState, create_averaging, train_one_epoch
 
-    accelerator, _ = create_accelerator(recipe.backend, recipe.data.batch_size, recipe.optimizer.clip_grad)
+    accelerator, _ = create_accelerator(recipe.backend, recipe.data.batch_size, recipe.optimizer.clip_grad,
+                                        recipe.faults.collective_timeout_s)
     set_seed(recipe.seed)
     ours = create_model(recipe.model)
     theirs = copy.deepcopy(ours)
@@ -79,8 +81,10 @@ def main() -> int:
     steps = min(args.steps, len(loaders.train))
     images_per_block = steps * recipe.data.batch_size * accelerator.num_processes
 
-    def run_ours() -> float:
-        return train_one_epoch(state, loaders.train, max_steps=steps)["seconds"]
+    control = StepControl(recipe.faults.nonfinite, recipe.faults.max_consecutive_skips, accelerator.device)
+
+    def run_ours() -> float:  # with the per-step agreement on stop requests and non-finite values
+        return train_one_epoch(state, loaders.train, max_steps=steps, control=control)["seconds"]
 
     def run_theirs() -> float:
         return hand_written_steps(theirs, opt_theirs, accelerator, loaders.train, steps)

@@ -1,0 +1,103 @@
+"""Checkpoints: atomic and checksummed, incomplete or corrupt ones skipped, pickles refused, keep-N."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+
+import pytest
+import torch
+
+from framework.checkpoint import (
+    CheckpointError,
+    check_checkpoint,
+    complete_checkpoints,
+    decode,
+    encode,
+    load_rank_state,
+    resolve_resume,
+    save_checkpoint,
+)
+from framework.faults import NonFiniteError, StepControl
+
+
+def _state(step: int) -> dict:
+    g = torch.Generator().manual_seed(step)
+    return {"model": {"w": torch.randn(4, 3, generator=g)}, "optimizer": {"state": {0: {"m": torch.ones(2)}}, "groups": [{"lr": 0.1}]},
+            "rng": (3, tuple(range(5)), None), "position": {"epoch": 1, "step_in_epoch": step}}
+
+
+def test_state_round_trips_through_safetensors_and_json():
+    import numpy as np
+
+    state = {**_state(3), "np": np.random.RandomState(0).get_state()}
+    tensors: dict = {}
+    plain = json.loads(json.dumps(encode(state, tensors)))  # plain data only
+    back = decode(plain, tensors)
+    assert torch.equal(back["model"]["w"], state["model"]["w"])
+    assert back["optimizer"]["state"][0]["m"].tolist() == [1.0, 1.0]  # int keys survive
+    assert back["rng"] == (3, (0, 1, 2, 3, 4), None)  # tuples survive
+    assert back["np"][0] == "MT19937" and (back["np"][1] == state["np"][1]).all()
+    with pytest.raises(CheckpointError, match="only tensors and plain data"):
+        encode({"f": open}, {})
+
+
+def test_keep_prunes_only_after_the_next_is_complete(tmp_path):
+    for step in (10, 20, 30, 40):
+        save_checkpoint(tmp_path, step, _state(step), rank=0, world_size=1, keep=2, meta={})
+    assert [p.name for p in complete_checkpoints(tmp_path)] == ["step-000000030", "step-000000040"]
+    assert not list(tmp_path.glob(".tmp-*"))
+    saved = load_rank_state(tmp_path / "step-000000040", rank=0)
+    assert torch.equal(saved["model"]["w"], _state(40)["model"]["w"])
+
+
+def test_incomplete_and_corrupt_checkpoints_are_skipped(tmp_path, capsys):
+    for step in (1, 2, 3):
+        save_checkpoint(tmp_path, step, _state(step), rank=0, world_size=1, keep=5, meta={})
+    (tmp_path / "step-000000003" / "manifest.json").unlink()  # killed before the manifest: incomplete
+    data = tmp_path / "step-000000002" / "rank0.safetensors"
+    raw = bytearray(data.read_bytes())
+    raw[-3] ^= 0xFF  # one flipped bit in the tensor data
+    data.write_bytes(bytes(raw))
+    assert "incomplete" in check_checkpoint(tmp_path / "step-000000003")
+    assert "corrupt" in check_checkpoint(tmp_path / "step-000000002")
+    assert resolve_resume("auto", tmp_path).name == "step-000000001"
+    out = capsys.readouterr().out
+    assert "skipping checkpoint" in out and "step-000000002" in out and "step-000000003" in out
+    with pytest.raises(CheckpointError, match="corrupt"):
+        resolve_resume(str(tmp_path / "step-000000002"), tmp_path)
+    assert resolve_resume("never", tmp_path) is None
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, (f"touch {os.environ['EVIL_MARKER']}",))
+
+
+def test_a_crafted_pickle_is_refused_and_never_runs(tmp_path, monkeypatch):
+    marker = tmp_path / "pwned"
+    monkeypatch.setenv("EVIL_MARKER", str(marker))
+    evil = tmp_path / "evil.pt"
+    evil.write_bytes(pickle.dumps(_Evil()))
+    with pytest.raises(CheckpointError, match="refusing a pickle"):
+        resolve_resume(str(evil), tmp_path)
+    ckpt = save_checkpoint(tmp_path / "ck", 1, _state(1), rank=0, world_size=1, keep=1, meta={})
+    (ckpt / "optimizer.pt").write_bytes(pickle.dumps(_Evil()))  # a pickle slipped into a checkpoint
+    with pytest.raises(CheckpointError, match="refusing to load a pickle"):
+        load_rank_state(ckpt, rank=0)
+    assert not marker.exists()
+
+
+def test_step_control_refuses_non_finite_steps():
+    p = torch.nn.Parameter(torch.ones(3))
+    p.grad = torch.ones(3)
+    raising = StepControl("raise", 0, torch.device("cpu"))
+    assert raising.check(torch.tensor(1.0), [p], step=1)
+    with pytest.raises(NonFiniteError, match="non-finite loss, gradients or BN statistics at step 2"):
+        raising.check(torch.tensor(float("nan")), [p], step=2)
+    skipping = StepControl("skip", 2, torch.device("cpu"))
+    p.grad = torch.tensor([1.0, float("inf"), 0.0])  # finite loss, infinite gradient
+    assert not skipping.check(torch.tensor(1.0), [p], 1) and not skipping.check(torch.tensor(1.0), [p], 2)
+    with pytest.raises(NonFiniteError, match="3 consecutive non-finite steps"):
+        skipping.check(torch.tensor(1.0), [p], 3)

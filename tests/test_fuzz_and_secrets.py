@@ -1,0 +1,86 @@
+"""Bad input at scale (property-based fuzzing of recipes) and secrets kept out of every output."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import yaml
+from conftest import ROOT, check_ok, clean_env, launch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from framework.errors import RecipeError
+from framework.recipe import load_raw, resolve_recipe
+
+BASE = load_raw(ROOT / "recipes" / "quickstart.yaml")
+SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-10**12, 10**12), st.floats(allow_nan=True, allow_infinity=True),
+                    st.text(max_size=40), st.sampled_from(["resnet18", "sgd", "cosine", "sync", "ema", "digits", "folder"]))
+VALUES = st.one_of(SCALARS, st.lists(SCALARS, max_size=4), st.dictionaries(st.text(max_size=8), SCALARS, max_size=3))
+
+
+def _paths(data: dict, prefix=()) -> list[tuple]:
+    out = []
+    for k, v in data.items():
+        out.append((*prefix, k))
+        if isinstance(v, dict):
+            out += _paths(v, (*prefix, k))
+    return out
+
+
+PATHS = _paths(BASE)
+
+
+@st.composite
+def mutated_recipes(draw):
+    data = copy.deepcopy(BASE)
+    for _ in range(draw(st.integers(1, 4))):
+        path = draw(st.sampled_from(PATHS))
+        node = data
+        for part in path[:-1]:
+            node = node.get(part) if isinstance(node, dict) else None
+            if not isinstance(node, dict):
+                break
+        if not isinstance(node, dict):
+            continue
+        action = draw(st.sampled_from(["set", "delete", "unknown"]))
+        if action == "set":
+            node[path[-1]] = draw(VALUES)
+        elif action == "delete":
+            node.pop(path[-1], None)
+        else:
+            node[draw(st.text(min_size=1, max_size=12))] = draw(VALUES)
+    return data
+
+
+@settings(max_examples=2000, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(data=mutated_recipes(), text_noise=st.one_of(st.none(), st.tuples(st.integers(0, 2000), st.text(max_size=3))))
+def test_fuzzed_recipes_give_only_clean_errors(tmp_path_factory, data, text_noise):
+    text = yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+    if text_noise is not None:  # also damage the YAML text itself
+        at, junk = text_noise
+        text = text[:at % (len(text) + 1)] + junk + text[at % (len(text) + 1):]
+    path = tmp_path_factory.mktemp("fuzz", numbered=True) / "r.yaml"
+    path.write_text(text, encoding="utf-8")
+    try:
+        resolve_recipe(path)
+    except RecipeError as err:
+        assert err.errors and all(line and "\n" not in line for line in err.errors)
+
+
+SECRETS = {"WANDB_API_KEY": "wandb-SECRET-0000000000000000000000000000000000000000",
+           "HF_TOKEN": "hf_SECRET_token_123", "AWS_SECRET": "aws-SECRET-xyz", "MY_SERVICE_KEY": "svc-SECRET-key"}
+
+
+@pytest.mark.slow
+def test_secrets_never_reach_logs_run_files_or_checkpoints(tmp_path):
+    out = tmp_path / "run"
+    proc = launch([str(ROOT / "recipes" / "quickstart.yaml"), "schedule.epochs=2", "logging.wandb.mode=offline",
+                   "checkpoint.every=1", f"output.dir={out}"], nproc=2, cwd=tmp_path, env=clean_env(**SECRETS))
+    check_ok(proc)
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert any(p.suffix == ".wandb" for p in files) and any(p.name == "manifest.json" for p in files)
+    for secret in SECRETS.values():
+        assert secret not in proc.stdout + proc.stderr
+        for p in files:
+            assert secret.encode() not in p.read_bytes(), f"{secret[:12]}... found in {p}"

@@ -1,0 +1,131 @@
+"""Faults on real 2-process launches: a stop at a random step resumes bit-identically; divergence is refused."""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import subprocess
+import time
+
+import psutil
+import pytest
+import torch
+from conftest import ACCELERATE, ENTRY, ROOT, check_ok, clean_env, free_port, launch, read_metrics
+from safetensors.torch import load_file
+
+from framework.data import ShardSampler
+
+pytestmark = pytest.mark.slow
+# SWA from the middle of epoch 2 and SyncBatchNorm on: the state a resume must restore is all there
+ARGS = [str(ROOT / "recipes" / "quickstart.yaml"), "schedule.epochs=3", "bn.mode=sync", "averaging.start=0.4",
+        "logging.wandb.mode=disabled"]
+
+
+def _start(out, extra=()):
+    cmd = [str(ACCELERATE), "launch", "--config_file", str(ROOT / "accelerate_config.yaml"), "--main_process_port",
+           str(free_port()), str(ENTRY), *ARGS, f"output.dir={out}", *extra]
+    return subprocess.Popen(cmd, cwd=out.parent, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _workers(proc) -> list[psutil.Process]:
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        found = [c for c in psutil.Process(proc.pid).children(recursive=True)
+                 if str(ENTRY) in " ".join(c.cmdline()) and "accelerate" not in " ".join(c.cmdline()[:2])]
+        if len(found) == 2:
+            return found
+        time.sleep(0.2)
+    raise AssertionError("workers did not start")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("full") / "run"
+    check_ok(launch([*ARGS, f"output.dir={out}"], nproc=2, cwd=out.parent))
+    return out
+
+
+@pytest.mark.parametrize("target", ["worker", "launcher"])
+def test_sigterm_at_a_random_step_then_resume_is_bit_identical(uninterrupted, tmp_path, target):
+    out = tmp_path / "run"
+    proc = _start(out)
+    workers = _workers(proc)
+    time.sleep(random.Random(target).uniform(8.0, 16.0))  # somewhere in epochs 1-3 (about 8 s of start-up first)
+    t0 = time.time()
+    (workers[1] if target == "worker" else psutil.Process(proc.pid)).send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert time.time() - t0 < 25, "all processes must stop, checkpoint and exit within 25 s"
+    assert "interrupted: stopped by a signal after" in stdout, stdout[-2000:] + stderr[-2000:]
+    ckpts = sorted((out / "checkpoints").glob("step-*"))
+    assert len(ckpts) == 1 and {p.name for p in ckpts[0].iterdir()} >= {"rank0.json", "rank1.json", "manifest.json"}
+    assert not (out / "summary.json").exists()
+
+    resumed = launch([*ARGS, f"output.dir={out}"], nproc=2, cwd=tmp_path)
+    check_ok(resumed)
+    assert f"resumed from {ckpts[0]}" in resumed.stdout
+    a, b = read_metrics(uninterrupted), read_metrics(out)
+    assert [r["epoch"] for r in b] == [1, 2, 3]  # no gaps, no duplicates
+    for key in ("train/loss", "eval/online/top1", "eval/online/loss", "eval/averaged/recompute/top1"):
+        assert [r.get(key) for r in a] == [r.get(key) for r in b], key  # bitwise: exact float equality
+    for kind in ("online", "averaged"):
+        x, y = load_file(uninterrupted / f"model_{kind}.safetensors"), load_file(out / f"model_{kind}.safetensors")
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x), kind  # weights and BN buffers
+
+
+def test_resume_with_another_world_size_says_so_and_finishes(tmp_path):
+    out = tmp_path / "run"
+    proc = _start(out, ["checkpoint.every=12", "checkpoint.unit=steps"])
+    stdout, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0
+    ckpts = sorted((out / "checkpoints").glob("step-*"))
+    mid = next(p for p in ckpts if json.loads((p / "manifest.json").read_text())["step_in_epoch"])
+    for p in ckpts:
+        if p != mid:
+            import shutil
+
+            shutil.rmtree(p)
+    (out / "summary.json").unlink()
+    one = launch([*ARGS, f"output.dir={out}", "bn.mode=sync"], nproc=1, cwd=tmp_path)
+    check_ok(one)
+    assert "world size 1 (was 2)" in one.stdout
+    assert [r["epoch"] for r in read_metrics(out)] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("world,per_rank", [(2, 5), (3, 4)])
+def test_resharded_epoch_sees_every_sample_once(world, per_rank):
+    data = list(range(103))
+    old = [ShardSampler(data, world, r, seed=7) for r in range(world)]
+    seen = []
+    for s in old:
+        s.set_epoch(4)
+        seen += list(s)[:per_rank]
+    for new_world in (1, 2, world):
+        rest = []
+        for r in range(new_world):
+            s = ShardSampler(data, new_world, r, seed=7)
+            s.set_epoch(4)
+            s.skip(world, per_rank)
+            rest += list(s)
+            assert len(s) == len(list(s))
+        both = seen + rest
+        assert len(both) == len(set(both))  # nothing twice
+        assert len(set(data) - set(both)) < new_world  # at most drop_last's tail is left out
+
+
+def test_divergence_is_refused_at_the_same_step_on_every_process(tmp_path):
+    out = tmp_path / "run"
+    proc = launch([*ARGS, "optimizer.lr=1e6", "averaging.start=0.0", "checkpoint.every=1", "checkpoint.unit=steps",
+                   "checkpoint.keep=50", f"output.dir={out}"], nproc=2, cwd=tmp_path)
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.splitlines() if "error: non-finite loss, gradients or BN statistics at step" in line]
+    assert len(lines) == 2 and len({line.split("(seen")[0] for line in lines}) == 1, proc.stderr[-3000:]
+    from framework.checkpoint import load_rank_state
+
+    ckpts = sorted((out / "checkpoints").glob("step-*"))
+    assert ckpts  # the steps before divergence were checkpointed, and hold only finite values
+    for ckpt in ckpts:
+        for rank in (0, 1):
+            state = load_rank_state(ckpt, rank)
+            tensors = [*state["model"].values(), *state["averager"]["tensors"].values()]
+            assert all(torch.isfinite(t).all() for t in tensors if t.is_floating_point())
