@@ -48,6 +48,28 @@ def _single_process_env() -> None:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
 
 
+def init_process_group(cuda: bool, timeout_s: int) -> None:
+    """Under torchrun, join the process group ourselves, with a key prefix per restart attempt: after an
+    elastic restart (--max_restarts) a gloo group built on the agent's long-lived store otherwise often
+    fails to reconnect (stale keys from the attempt before). Accelerate and DeepSpeed reuse the group."""
+    import torch.distributed as dist
+
+    env = os.environ
+    if dist.is_initialized() or "TORCHELASTIC_RESTART_COUNT" not in env or int(env.get("WORLD_SIZE", "1")) < 2:
+        return
+    from datetime import timedelta
+
+    rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
+    timeout = timedelta(seconds=timeout_s)
+    agent_store = env.get("TORCHELASTIC_USE_AGENT_STORE") == "True"  # torchrun's agent hosts it on node 0
+    store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), world, is_master=not agent_store and rank == 0,
+                          timeout=timeout)
+    if cuda:
+        torch.cuda.set_device(int(env["LOCAL_RANK"]))
+    dist.init_process_group("nccl" if cuda else "gloo", store=dist.PrefixStore(f"bnswa-attempt-{env['TORCHELASTIC_RESTART_COUNT']}", store),
+                            rank=rank, world_size=world, timeout=timeout)
+
+
 def create_accelerator(cfg: BackendConfig, micro_batch_size: int, clip_grad: float | None, timeout_s: int = 300):
     """`timeout_s`: how long a collective waits for a dead or hung peer (torch's defaults: 30 min gloo)."""
     from datetime import timedelta
@@ -57,6 +79,7 @@ def create_accelerator(cfg: BackendConfig, micro_batch_size: int, clip_grad: flo
 
     cuda = torch.cuda.is_available()
     precision, note = resolve_precision(cfg.precision, cuda)
+    init_process_group(cuda, timeout_s)
     if cfg.type == "deepspeed":
         from accelerate.utils import DeepSpeedPlugin
 

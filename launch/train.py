@@ -32,11 +32,27 @@ def main(argv: list[str]) -> int:
         print(f"error: {err}", file=sys.stderr, flush=True)
         _shutdown(dist)
         return 1
+    except RuntimeError as err:  # a peer died (noticed at once) or hung (noticed at the timeout)
+        if not _lost_peer(err):
+            raise
+        first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+        print(f"error: rank {os.environ.get('RANK', '0')}: lost contact with another process during a collective "
+              f"(it died, or hung past faults.collective_timeout_s = {recipe.faults.collective_timeout_s} s): {first}",
+              file=sys.stderr, flush=True)
+        return 1
     if summary.get("output_dir"):  # main process only
         print("final: " + json.dumps({"online": summary["eval"]["online"], "throughput": summary["throughput"]}))
         print(f"run files: {summary['output_dir']}" + (f"  (wandb: {summary['wandb']['dir']})" if summary["wandb"]["dir"] else ""))
     _shutdown(dist)
     return 0
+
+
+def _lost_peer(err: RuntimeError) -> bool:
+    import torch.distributed as dist
+
+    text = str(err).lower()
+    return isinstance(err, dist.DistError) or any(s in text for s in ("gloo", "nccl", "connection", "timed out",
+                                                                       "timeout", "pair closure"))
 
 
 def _shutdown(dist) -> None:

@@ -22,8 +22,8 @@ ARGS = [str(ROOT / "recipes" / "quickstart.yaml"), "schedule.epochs=3", "bn.mode
         "logging.wandb.mode=disabled"]
 
 
-def _start(out, extra=()):
-    cmd = [str(ACCELERATE), "launch", "--config_file", str(ROOT / "accelerate_config.yaml"), "--main_process_port",
+def _start(out, extra=(), launcher=()):
+    cmd = [str(ACCELERATE), "launch", *launcher, "--config_file", str(ROOT / "accelerate_config.yaml"), "--main_process_port",
            str(free_port()), str(ENTRY), *ARGS, f"output.dir={out}", *extra]
     return subprocess.Popen(cmd, cwd=out.parent, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -129,3 +129,49 @@ def test_divergence_is_refused_at_the_same_step_on_every_process(tmp_path):
             state = load_rank_state(ckpt, rank)
             tensors = [*state["model"].values(), *state["averager"]["tensors"].values()]
             assert all(torch.isfinite(t).all() for t in tensors if t.is_floating_point())
+
+
+def test_sigkill_one_process_torchrun_restarts_and_resume_is_bit_identical(uninterrupted, tmp_path):
+    """SIGKILL gives no chance to checkpoint: torchrun (--max_restarts) restarts the group, which must
+    really reconnect, and the run resumes from the newest complete periodic checkpoint."""
+    out = tmp_path / "run"
+    proc = _start(out, ["checkpoint.every=5", "checkpoint.unit=steps"], launcher=["--max_restarts", "1"])
+    workers = _workers(proc)
+    deadline = time.time() + 120
+    rng = random.Random(0)
+    wanted = rng.randint(2, 6)  # kill somewhere after this many complete checkpoints
+    while len(list((out / "checkpoints").glob("step-*/manifest.json"))) < min(wanted, 2) and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(rng.uniform(0.0, 2.0))
+    victim = next(w for w in workers if w.environ().get("RANK") == "1")
+    victim.send_signal(signal.SIGKILL)
+    stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "resumed from" in stdout
+    a, b = read_metrics(uninterrupted), read_metrics(out)
+    assert [r["epoch"] for r in b] == [1, 2, 3]
+    assert [r["train/loss"] for r in a] == [r["train/loss"] for r in b]
+    for kind in ("online", "averaged"):
+        x, y = load_file(uninterrupted / f"model_{kind}.safetensors"), load_file(out / f"model_{kind}.safetensors")
+        assert all(torch.equal(x[k], y[k]) for k in x), kind
+
+
+def test_a_hung_process_stops_the_others_at_the_collective_timeout(tmp_path):
+    out = tmp_path / "run"
+    proc = _start(out, ["faults.collective_timeout_s=10"])
+    workers = _workers(proc)
+    time.sleep(10)
+    hung = next(w for w in workers if w.environ().get("RANK") == "1")
+    other = next(w for w in workers if w is not hung)
+    hung.suspend()  # SIGSTOP: alive but silent, the case gloo only notices at the timeout
+    t0 = time.time()
+    try:
+        other.wait(timeout=90)
+        waited = time.time() - t0
+    finally:
+        hung.resume()
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert 8 < waited < 40, waited  # the recipe's 10 s, not torch's 30 min
+    assert "error: rank 0: lost contact with another process during a collective" in stderr, [
+        line for line in stderr.splitlines() if "Error" in line or "error" in line]
