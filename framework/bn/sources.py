@@ -1,8 +1,9 @@
 """Where the averaged weights get their BN statistics: one small class per way, evaluated side by side.
 
 Each source is built at the start of training with the live BN buffers, hears every averaging
-update through `on_update(weight, n)`, has a `state_dict` for checkpoints, and gives the statistics to evaluate with via `get(ctx)`,
-where `ctx.recompute()` runs a fresh pass for the averaged weights. A new way is one class
+update through `on_update(weight, n)`, has a `state_dict` for checkpoints, and gives the
+statistics to evaluate with via `get(ctx)`, where `ctx.recompute()` runs a fresh pass for the
+averaged weights. A new way is one class
 here (or one file) plus a line in `BN_SOURCES`; the summary, table and tests pick it up.
 """
 
@@ -14,34 +15,10 @@ from framework.averaging.tensors import AveragedTensors
 from framework.bn import clone_all
 
 
-class Initial:
-    """Statistics before training: what toggling track_running_stats, or restoring a pre-loop snapshot, ends with."""
+class _Snapshot:
+    """A source that holds one copy of the BN statistics (None until it has one)."""
 
-    def __init__(self, live: list[torch.Tensor]):
-        self.stats = clone_all(live)
-
-    def on_update(self, weight: float, n: int) -> None:
-        pass
-
-    def get(self, ctx) -> list[torch.Tensor]:
-        return clone_all(self.stats)
-
-    def state_dict(self) -> dict:
-        return {"stats": self.stats}
-
-    def load_state_dict(self, state: dict) -> None:
-        torch._foreach_copy_(self.stats, state["stats"])
-
-
-class SwaStart:
-    """The live model's statistics when averaging began."""
-
-    def __init__(self, live: list[torch.Tensor]):
-        self.live, self.stats = live, None
-
-    def on_update(self, weight: float, n: int) -> None:
-        if n == 0:
-            self.stats = clone_all(self.live)
+    stats: list[torch.Tensor] | None
 
     def get(self, ctx) -> list[torch.Tensor]:
         return clone_all(self.stats)
@@ -53,7 +30,28 @@ class SwaStart:
         self.stats = clone_all(state["stats"]) if state["stats"] is not None else None
 
 
-class Online:
+class Initial(_Snapshot):
+    """Statistics before training: what toggling track_running_stats, or restoring a pre-loop snapshot, ends with."""
+
+    def __init__(self, live: list[torch.Tensor]):
+        self.stats = clone_all(live)
+
+    def on_update(self, weight: float, n: int) -> None:
+        pass
+
+
+class SwaStart(_Snapshot):
+    """The live model's statistics when averaging began."""
+
+    def __init__(self, live: list[torch.Tensor]):
+        self.live, self.stats = live, None
+
+    def on_update(self, weight: float, n: int) -> None:
+        if n == 0:
+            self.stats = clone_all(self.live)
+
+
+class Online(_Snapshot):
     """The live statistics at the last averaging update (AveragedModel's default, use_buffers=False)."""
 
     def __init__(self, live: list[torch.Tensor]):
@@ -61,15 +59,6 @@ class Online:
 
     def on_update(self, weight: float, n: int) -> None:
         torch._foreach_copy_(self.stats, self.live)
-
-    def get(self, ctx) -> list[torch.Tensor]:
-        return clone_all(self.stats)
-
-    def state_dict(self) -> dict:
-        return {"stats": self.stats}
-
-    def load_state_dict(self, state: dict) -> None:
-        torch._foreach_copy_(self.stats, state["stats"])
 
 
 class Averaged:
