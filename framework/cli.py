@@ -24,8 +24,8 @@ def load_or_exit(argv: list[str], quiet_rank: bool = False) -> Recipe:
 
 def _fail(lines: list[str], quiet: bool):
     if not quiet:  # under a multi-process launch, only local rank 0 prints
-        for line in lines:
-            print(f"error: {line}", file=sys.stderr, flush=True)
+        sys.stderr.write("".join(f"error: {line}\n" for line in lines))  # one write: no interleaving
+        sys.stderr.flush()
     raise SystemExit(USER_ERROR)
 
 

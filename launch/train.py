@@ -29,22 +29,26 @@ def main(argv: list[str]) -> int:
         _shutdown(dist)
         return 143
     except NonFiniteError as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
+        _error(str(err))
         _shutdown(dist)
         return 1
     except RuntimeError as err:  # a peer died (noticed at once) or hung (noticed at the timeout)
         if not _lost_peer(err):
             raise
         first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
-        print(f"error: rank {os.environ.get('RANK', '0')}: lost contact with another process during a collective "
-              f"(it died, or hung past faults.collective_timeout_s = {recipe.faults.collective_timeout_s} s): {first}",
-              file=sys.stderr, flush=True)
+        _error(f"rank {os.environ.get('RANK', '0')}: lost contact with another process during a collective "
+               f"(it died, or hung past faults.collective_timeout_s = {recipe.faults.collective_timeout_s} s): {first}")
         return 1
     if summary.get("output_dir"):  # main process only
         print("final: " + json.dumps({"online": summary["eval"]["online"], "throughput": summary["throughput"]}))
         print(f"run files: {summary['output_dir']}" + (f"  (wandb: {summary['wandb']['dir']})" if summary["wandb"]["dir"] else ""))
     _shutdown(dist)
     return 0
+
+
+def _error(message: str) -> None:
+    sys.stderr.write(f"error: {message}\n")  # one write: lines from several processes do not interleave
+    sys.stderr.flush()
 
 
 def _lost_peer(err: RuntimeError) -> bool:

@@ -118,8 +118,10 @@ def test_divergence_is_refused_at_the_same_step_on_every_process(tmp_path):
     proc = launch([*ARGS, "optimizer.lr=1e6", "averaging.start=0.0", "checkpoint.every=1", "checkpoint.unit=steps",
                    "checkpoint.keep=50", f"output.dir={out}"], nproc=2, cwd=tmp_path)
     assert proc.returncode != 0
-    lines = [line for line in proc.stderr.splitlines() if "error: non-finite loss, gradients or BN statistics at step" in line]
-    assert len(lines) == 2 and len({line.split("(seen")[0] for line in lines}) == 1, proc.stderr[-3000:]
+    import re
+
+    found = re.findall(r"error: non-finite loss, gradients or BN statistics at step (\d+) \(seen from rank (\d)\)", proc.stderr)
+    assert len(found) == 2 and len({step for step, _ in found}) == 1 and {r for _, r in found} == {"0", "1"}, proc.stderr[-3000:]
     from framework.checkpoint import load_rank_state
 
     ckpts = sorted((out / "checkpoints").glob("step-*"))
