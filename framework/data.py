@@ -100,6 +100,7 @@ class ShardSampler(DistributedSampler):
     def __init__(self, dataset, num_replicas: int, rank: int, seed: int):
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
         self.consumed: tuple[int, int] | None = None
+        self._cache: tuple[tuple, list[int]] | None = None  # len() and iter() share one permutation per epoch
 
     def skip(self, world: int, per_rank: int) -> None:
         self.consumed = (world, per_rank) if per_rank else None
@@ -109,6 +110,12 @@ class ShardSampler(DistributedSampler):
         self.consumed = None
 
     def _order(self) -> list[int]:
+        key = (self.epoch, self.consumed)
+        if self._cache is None or self._cache[0] != key:
+            self._cache = (key, self._compute_order())
+        return self._cache[1]
+
+    def _compute_order(self) -> list[int]:
         g = torch.Generator().manual_seed(self.seed + self.epoch)
         order = torch.randperm(len(self.dataset), generator=g).tolist()
         if self.consumed is not None:
