@@ -84,8 +84,10 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def save_checkpoint(root: Path, step: int, state: dict, rank: int, world_size: int, keep: int, meta: dict) -> Path:
-    """Collective: every process calls it with its own `state`. Returns the final folder."""
+def save_checkpoint(root: Path, step: int, state: dict, rank: int, world_size: int, keep: int, meta: dict,
+                    write_extra=None) -> Path:
+    """Collective: every process calls it with its own `state`; `write_extra(folder)` (every process)
+    adds files of its own, which the manifest covers too. Returns the final folder."""
     from safetensors.torch import save_file
 
     tag = f"step-{step:09d}"
@@ -100,9 +102,12 @@ def save_checkpoint(root: Path, step: int, state: dict, rank: int, world_size: i
     with open(tmp / f"rank{rank}.safetensors", "rb") as f:
         os.fsync(f.fileno())
     _fsync_write(tmp / f"rank{rank}.json", json.dumps(plain).encode())
+    if write_extra is not None:
+        write_extra(tmp)
     _barrier()
     if rank == 0:
-        files = {p.name: {"sha256": _sha256(p), "bytes": p.stat().st_size} for p in sorted(tmp.iterdir())}
+        files = {str(p.relative_to(tmp)): {"sha256": _sha256(p), "bytes": p.stat().st_size}
+                 for p in sorted(tmp.rglob("*")) if p.is_file()}
         manifest = {"step": step, "world_size": world_size, "files": files, **meta}
         _fsync_write(tmp / MANIFEST, json.dumps(manifest, indent=1).encode())
         shutil.rmtree(final, ignore_errors=True)

@@ -102,8 +102,6 @@ def _check_semantics(r: Recipe, errors: list[str]) -> None:
                           f"(it supports stages {', '.join(map(str, stages))})")
     if b.type == "deepspeed" and r.faults.nonfinite == "skip":
         errors.append("faults.nonfinite = 'skip': not under DeepSpeed, whose engine steps inside backward; use 'raise'")
-    if b.type == "deepspeed" and r.checkpoint.every is not None:
-        errors.append(f"checkpoint.every = {r.checkpoint.every}: checkpoints are not yet supported under DeepSpeed (DDP only)")
     d = r.data
     if d.source == "folder":
         if d.root is None:

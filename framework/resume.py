@@ -13,14 +13,12 @@ import numpy as np
 import torch
 
 
-def capture(state, sources: dict, position: dict, epoch_stats: dict | None, records: list[dict]) -> dict:
-    module = state.accelerator.unwrap_model(state.model)
+def capture(state, engine_state, sources: dict, position: dict, epoch_stats: dict | None, records: list[dict]) -> dict:
     rng = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
     return {
-        "model": module.state_dict(),
-        "optimizer": state.optimizer.state_dict(),
+        **engine_state.state_dict(),  # model, optimizer, engine counters
         "scheduler": state.scheduler.state_dict(),
         "averager": state.averager.state_dict() if state.averager is not None else None,
         "sources": {name: s.state_dict() for name, s in sources.items()},
@@ -31,10 +29,8 @@ def capture(state, sources: dict, position: dict, epoch_stats: dict | None, reco
     }
 
 
-def restore(saved: dict, state, sources: dict, same_world: bool) -> None:
-    module = state.accelerator.unwrap_model(state.model)
-    module.load_state_dict(saved["model"])
-    state.optimizer.load_state_dict(saved["optimizer"])
+def restore(saved: dict, state, engine_state, sources: dict, same_world: bool) -> None:
+    engine_state.load_state_dict(saved)
     state.scheduler.load_state_dict(saved["scheduler"])
     if state.averager is not None and saved["averager"] is not None:
         state.averager.load_state_dict(saved["averager"])
@@ -50,7 +46,7 @@ def restore(saved: dict, state, sources: dict, same_world: bool) -> None:
             torch.cuda.set_rng_state_all(rng["cuda"])
 
 
-def resume_run(recipe, out, state, sources: dict, accelerator) -> dict:
+def resume_run(recipe, out, state, engine_state, sources: dict, accelerator) -> dict:
     """Load the checkpoint `recipe.resume` names (auto: the newest complete one). Where training starts."""
     from pathlib import Path
 
@@ -79,7 +75,11 @@ def resume_run(recipe, out, state, sources: dict, accelerator) -> dict:
     saved = load_rank_state(Path(choice[0]), accelerator.process_index)
     pos = saved["position"]
     same = pos["world_size"] == world
-    restore(saved, state, sources, same)
+    if not same and not engine_state.resharding:
+        raise SystemExit(f"error: resume = {recipe.resume!r}: {choice[0]} was written by {pos['world_size']} processes "
+                         f"under ZeRO stage {recipe.backend.zero_stage}, whose partitions fit only that many; "
+                         f"resume with {pos['world_size']} processes, or resume=never")
+    restore(saved, state, engine_state, sources, same)
     if accelerator.is_main_process:
         note = "" if same else (f"; world size {world} (was {pos['world_size']}): weights and optimizer from rank 0, "
                                 "the rest of the epoch's samples re-sharded")

@@ -16,6 +16,7 @@ from framework.bn.sources import BN_SOURCES
 from framework.builders import create_accelerator, create_model, create_optimizer, create_scheduler
 from framework.checkpoint import save_checkpoint
 from framework.data import create_datasets, create_loaders
+from framework.engine_state import create_engine_state, save_engine_checkpoint
 from framework.evaluation import AveragedEval, evaluate, harmonized_bn
 from framework.export import detached_state_dict, save_state_dict
 from framework.faults import StepControl
@@ -175,7 +176,8 @@ def train(recipe: Recipe) -> dict:
     out = Path(recipe.output.dir)
     control = StepControl(recipe.faults.nonfinite, recipe.faults.max_consecutive_skips, device)
     control.install_signal_handlers()
-    resumed = resume_run(recipe, out, state, sources, accelerator)
+    engine_state = create_engine_state(accelerator, model, optimizer)
+    resumed = resume_run(recipe, out, state, engine_state, sources, accelerator)
     logger = None
     if accelerator.is_main_process:
         logger = RunLogger(out, recipe_to_dict(recipe), recipe.logging.wandb, recipe.name, resumed["records"])
@@ -187,8 +189,9 @@ def train(recipe: Recipe) -> dict:
         in_epoch = stats["steps"] if stats else 0
         position = {"epoch": epoch, "step_in_epoch": in_epoch, "world_size": accelerator.num_processes}
         path = save_checkpoint(out / "checkpoints", epoch * steps_per_epoch + in_epoch,
-                               capture(state, sources, position, stats, records), accelerator.process_index,
-                               accelerator.num_processes, ckpt.keep, {"epoch": epoch, "step_in_epoch": in_epoch})
+                               capture(state, engine_state, sources, position, stats, records), accelerator.process_index,
+                               accelerator.num_processes, ckpt.keep, {"epoch": epoch, "step_in_epoch": in_epoch},
+                               write_extra=lambda folder: save_engine_checkpoint(model, folder / "deepspeed"))
         if logger is not None:
             print(f"checkpoint: {path}", flush=True)
 

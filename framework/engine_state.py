@@ -1,0 +1,96 @@
+"""The model and optimizer part of a checkpoint, per backend, as tensors and plain data only.
+
+- DDP and DeepSpeed stage 0: every process holds whole parameters, so the module's and the
+  optimizer's state_dicts; a run with another world size can load rank 0's.
+- ZeRO 1-3: each process holds only its partition of the fp32 master weights and of the
+  optimizer state. The ZeRO optimizer's own `state_dict()` (partitions included) is saved per
+  process, minus the objects DeepSpeed would pickle (the loss scaler is kept as its scalar
+  fields), and goes back through its own `load_state_dict`, so nothing is ever unpickled.
+  Under ZeRO-3, parameters are placeholders in `module.state_dict()`; the module part is its
+  buffers (BN statistics, which no ZeRO stage partitions). Partitions only fit the world size
+  that wrote them, so another world size is refused.
+"""
+
+from __future__ import annotations
+
+import torch
+
+ENGINE_COUNTERS = ("global_steps", "global_samples", "skipped_steps", "micro_steps")
+
+
+def _plain(value) -> bool:
+    if isinstance(value, (list, tuple)):
+        return all(_plain(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, (str, int)) and _plain(v) for k, v in value.items())
+    return value is None or isinstance(value, (bool, int, float, str, torch.Tensor))
+
+
+class ReplicatedState:
+    resharding = True
+
+    def __init__(self, module: torch.nn.Module, optimizer, engine=None):
+        self.module, self.optimizer, self.engine = module, optimizer, engine
+
+    def state_dict(self) -> dict:
+        counters = {k: getattr(self.engine, k) for k in ENGINE_COUNTERS} if self.engine is not None else {}
+        return {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(), "engine": counters}
+
+    def load_state_dict(self, saved: dict) -> None:
+        self.module.load_state_dict(saved["model"])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        for key, value in saved["engine"].items():
+            setattr(self.engine, key, value)
+
+
+class ZeroState(ReplicatedState):
+    resharding = False
+
+    def __init__(self, module: torch.nn.Module, engine, stage: int):
+        super().__init__(module, engine.optimizer, engine)
+        self.stage = stage
+
+    def state_dict(self) -> dict:
+        full = self.optimizer.state_dict()
+        # What is left out is rebuilt from the live optimizer on load (parameter-slice maps,
+        # used only by DeepSpeed's universal checkpoints, and the loss scaler object).
+        zero = {k: v for k, v in full.items() if _plain(v)}
+        zero["loss_scaler"] = {k: v for k, v in vars(self.optimizer.loss_scaler).items() if _plain(v)}
+        counters = {k: getattr(self.engine, k) for k in ENGINE_COUNTERS}
+        return {"model": dict(self.module.named_buffers()), "optimizer": zero, "engine": counters}
+
+    def load_state_dict(self, saved: dict) -> None:
+        with torch.no_grad():
+            for name, buffer in self.module.named_buffers():
+                buffer.copy_(saved["model"][name])
+        zero = dict(saved["optimizer"])
+        scaler = self.optimizer.loss_scaler
+        for key, value in zero.pop("loss_scaler").items():
+            setattr(scaler, key, value)
+        zero["loss_scaler"] = scaler
+        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        per_rank = [None] * world
+        per_rank[rank] = zero  # the rigid (same world size) path reads only this process's entry
+        self.optimizer.load_state_dict(per_rank, load_optimizer_states=True, load_from_fp32_weights=True)
+        if self.stage in (1, 2):
+            self.optimizer.update_lp_params()  # ZeRO-3's load already copies fp32 into the parameter partitions
+        for key, value in saved["engine"].items():
+            setattr(self.engine, key, value)
+
+
+def create_engine_state(accelerator, model, optimizer) -> ReplicatedState:
+    """`model` and `optimizer` as returned by accelerator.prepare."""
+    module = accelerator.unwrap_model(model)
+    stage = model.zero_optimization_stage() if hasattr(model, "zero_optimization_stage") else None
+    if stage is None:
+        return ReplicatedState(module, optimizer)
+    if stage == 0:
+        return ReplicatedState(module, model.optimizer, model)
+    return ZeroState(module, model, stage)
+
+
+def save_engine_checkpoint(model, folder) -> None:
+    """DeepSpeed's own checkpoint, for its tools (zero_to_fp32.py); resume never reads it (pickles)."""
+    if hasattr(model, "save_checkpoint"):
+        model.save_checkpoint(str(folder), tag="engine", save_latest=False)
