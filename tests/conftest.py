@@ -7,8 +7,10 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,6 +35,25 @@ def launch(args: list[str], nproc: int, cwd: Path, timeout: int = 600, env: dict
     cmd = [str(ACCELERATE), "launch", "--config_file", str(ROOT / "accelerate_config.yaml"),
            "--num_processes", str(nproc), "--main_process_port", str(free_port()), str(ENTRY), *args]
     return subprocess.run(cmd, cwd=cwd, env=env or clean_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def start_launch(args: list[str], out: Path, extra=(), launcher=()) -> subprocess.Popen:
+    """A 2-process launch left running, for tests that signal it."""
+    cmd = [str(ACCELERATE), "launch", *launcher, "--config_file", str(ROOT / "accelerate_config.yaml"), "--main_process_port",
+           str(free_port()), str(ENTRY), *args, f"output.dir={out}", *extra]
+    return subprocess.Popen(cmd, cwd=out.parent, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_workers(proc) -> list:
+    """The two training processes under a launcher (psutil.Process)."""
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        found = [c for c in psutil.Process(proc.pid).children(recursive=True)
+                 if str(ENTRY) in " ".join(c.cmdline()) and "accelerate" not in " ".join(c.cmdline()[:2])]
+        if len(found) == 2:
+            return found
+        time.sleep(0.2)
+    raise AssertionError("workers did not start")
 
 
 def read_metrics(out_dir: Path) -> list[dict]:

@@ -1,14 +1,22 @@
-"""DeepSpeed ZeRO 1-3 against DDP: same recipe, seed and data, SGD in fp32, 2 gloo processes on CPU."""
+"""DeepSpeed ZeRO 1-3 against DDP: same recipe, seed and data, SGD in fp32, SyncBN and SWA from the
+middle of epoch 1, 2 gloo processes on CPU; and a ZeRO-3 run killed and resumed."""
 
 from __future__ import annotations
 
+import json
+import random
+import signal
+import time
+
 import pytest
 import torch
-from conftest import ROOT, check_ok, launch, read_summary
+from conftest import ROOT, check_ok, launch, read_metrics, read_summary, start_launch, wait_workers
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
 QUICKSTART = str(ROOT / "recipes" / "quickstart.yaml")
+ARGS = [QUICKSTART, "schedule.epochs=2", "optimizer.name=sgd", "backend.precision=fp32", "bn.mode=sync",
+        "averaging.start=0.4", "logging.wandb.mode=disabled"]
 BACKENDS = {"ddp": ["backend.type=ddp"], **{f"zero{z}": ["backend.type=deepspeed", f"backend.zero_stage={z}"] for z in (1, 2, 3)}}
 
 
@@ -17,8 +25,7 @@ def runs(tmp_path_factory):
     out = {}
     for name, args in BACKENDS.items():
         run_dir = tmp_path_factory.mktemp(name) / "run"
-        check_ok(launch([QUICKSTART, "schedule.epochs=2", "optimizer.name=sgd", "backend.precision=fp32",
-                         "logging.wandb.mode=disabled", f"output.dir={run_dir}", *args], nproc=2, cwd=run_dir.parent))
+        check_ok(launch([*ARGS, f"output.dir={run_dir}", *args], nproc=2, cwd=run_dir.parent))
         out[name] = run_dir
     return out
 
@@ -57,3 +64,34 @@ def test_zero3_export_loads_with_timm_alone(runs):
 def test_bn_buffers_identical_across_processes_after_recompute(runs, name):
     digests = read_summary(runs[name])["averaging"]["recompute_bn_sha256_per_rank"]
     assert len(digests) == 2 and digests[0] == digests[1]
+
+
+def test_zero3_sigkill_one_process_torchrun_restarts_and_resume_is_bit_identical(runs, tmp_path):
+    """Killed at a random step after a periodic checkpoint; torchrun restarts both processes, which
+    load their own ZeRO-3 partitions (no pickle) and finish exactly like the uninterrupted run."""
+    out = tmp_path / "run"
+    proc = start_launch([*ARGS, *BACKENDS["zero3"]], out, ["checkpoint.every=7", "checkpoint.unit=steps"],
+                        launcher=["--max_restarts", "1"])
+    workers = wait_workers(proc)
+    rng = random.Random(3)
+    deadline = time.time() + 180
+    while not list((out / "checkpoints").glob("step-*/manifest.json")) and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(rng.uniform(0.0, 3.0))
+    next(w for w in workers if w.environ().get("RANK") == "1").send_signal(signal.SIGKILL)
+    stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "resumed from" in stdout, stdout[-2000:]
+    a, b = read_metrics(runs["zero3"]), read_metrics(out)
+    assert [r["epoch"] for r in b] == [1, 2]
+    for key in ("train/loss", "eval/online/top1", "eval/averaged/recompute/top1"):
+        assert [r[key] for r in a] == [r[key] for r in b], key  # bitwise
+    for kind in ("online", "averaged"):
+        x, y = load_file(runs["zero3"] / f"model_{kind}.safetensors"), load_file(out / f"model_{kind}.safetensors")
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x), kind  # weights and BN buffers
+
+    ckpt = sorted((out / "checkpoints").glob("step-*"))[-1]
+    files = json.loads((ckpt / "manifest.json").read_text())["files"]
+    assert any(name.startswith("deepspeed/engine/") for name in files)  # the engine's own checkpoint, checksummed
+    one = launch([*ARGS, *BACKENDS["zero3"], f"output.dir={out}", f"resume={ckpt}"], nproc=1, cwd=tmp_path)
+    assert one.returncode != 0 and "written by 2 processes under ZeRO stage 3" in one.stderr, one.stderr[-2000:]

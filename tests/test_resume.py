@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 import random
 import signal
-import subprocess
 import time
 
 import psutil
 import pytest
 import torch
-from conftest import ACCELERATE, ENTRY, ROOT, check_ok, clean_env, free_port, launch, read_metrics
+from conftest import ROOT, check_ok, launch, read_metrics, start_launch, wait_workers
 from safetensors.torch import load_file
 
 from framework.data import ShardSampler
@@ -20,23 +19,6 @@ pytestmark = pytest.mark.slow
 # SWA from the middle of epoch 2 and SyncBatchNorm on: the state a resume must restore is all there
 ARGS = [str(ROOT / "recipes" / "quickstart.yaml"), "schedule.epochs=2", "bn.mode=sync", "averaging.start=0.4",
         "logging.wandb.mode=disabled"]
-
-
-def _start(out, extra=(), launcher=()):
-    cmd = [str(ACCELERATE), "launch", *launcher, "--config_file", str(ROOT / "accelerate_config.yaml"), "--main_process_port",
-           str(free_port()), str(ENTRY), *ARGS, f"output.dir={out}", *extra]
-    return subprocess.Popen(cmd, cwd=out.parent, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def _workers(proc) -> list[psutil.Process]:
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        found = [c for c in psutil.Process(proc.pid).children(recursive=True)
-                 if str(ENTRY) in " ".join(c.cmdline()) and "accelerate" not in " ".join(c.cmdline()[:2])]
-        if len(found) == 2:
-            return found
-        time.sleep(0.2)
-    raise AssertionError("workers did not start")
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +31,8 @@ def uninterrupted(tmp_path_factory):
 @pytest.mark.parametrize("target", ["worker", "launcher"])
 def test_sigterm_at_a_random_step_then_resume_is_bit_identical(uninterrupted, tmp_path, target):
     out = tmp_path / "run"
-    proc = _start(out)
-    workers = _workers(proc)
+    proc = start_launch(ARGS, out)
+    workers = wait_workers(proc)
     time.sleep(random.Random(target).uniform(8.0, 13.0))  # somewhere in epochs 1-2 (about 8 s of start-up first)
     t0 = time.time()
     (workers[1] if target == "worker" else psutil.Process(proc.pid)).send_signal(signal.SIGTERM)
@@ -75,7 +57,7 @@ def test_sigterm_at_a_random_step_then_resume_is_bit_identical(uninterrupted, tm
 
 def test_resume_with_another_world_size_says_so_and_finishes(tmp_path):
     out = tmp_path / "run"
-    proc = _start(out, ["checkpoint.every=12", "checkpoint.unit=steps", "bn.mode=local"])
+    proc = start_launch(ARGS, out, ["checkpoint.every=12", "checkpoint.unit=steps", "bn.mode=local"])
     stdout, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0
     ckpts = sorted((out / "checkpoints").glob("step-*"))
@@ -137,8 +119,8 @@ def test_sigkill_one_process_torchrun_restarts_and_resume_is_bit_identical(unint
     """SIGKILL gives no chance to checkpoint: torchrun (--max_restarts) restarts the group, which must
     really reconnect, and the run resumes from the newest complete periodic checkpoint."""
     out = tmp_path / "run"
-    proc = _start(out, ["checkpoint.every=5", "checkpoint.unit=steps"], launcher=["--max_restarts", "1"])
-    workers = _workers(proc)
+    proc = start_launch(ARGS, out, ["checkpoint.every=5", "checkpoint.unit=steps"], launcher=["--max_restarts", "1"])
+    workers = wait_workers(proc)
     deadline = time.time() + 120
     rng = random.Random(0)
     wanted = rng.randint(2, 6)  # kill somewhere after this many complete checkpoints
@@ -160,8 +142,8 @@ def test_sigkill_one_process_torchrun_restarts_and_resume_is_bit_identical(unint
 
 def test_a_hung_process_stops_the_others_at_the_collective_timeout(tmp_path):
     out = tmp_path / "run"
-    proc = _start(out, ["faults.collective_timeout_s=10"])
-    workers = _workers(proc)
+    proc = start_launch(ARGS, out, ["faults.collective_timeout_s=10"])
+    workers = wait_workers(proc)
     time.sleep(10)
     hung = next(w for w in workers if w.environ().get("RANK") == "1")
     other = next(w for w in workers if w is not hung)
