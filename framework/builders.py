@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from framework.heartbeat import Heartbeat
 from framework.schema import BackendConfig, ModelConfig, OptimizerConfig, ScheduleConfig
 
 _PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
@@ -66,8 +67,10 @@ def init_process_group(cuda: bool, timeout_s: int) -> None:
                           timeout=timeout)
     if cuda:
         torch.cuda.set_device(int(env["LOCAL_RANK"]))
-    dist.init_process_group("nccl" if cuda else "gloo", store=dist.PrefixStore(f"bnswa-attempt-{env['TORCHELASTIC_RESTART_COUNT']}", store),
+    prefix = f"bnswa-attempt-{env['TORCHELASTIC_RESTART_COUNT']}"
+    dist.init_process_group("nccl" if cuda else "gloo", store=dist.PrefixStore(prefix, store),
                             rank=rank, world_size=world, timeout=timeout)
+    Heartbeat(env["MASTER_ADDR"], int(env["MASTER_PORT"]), prefix, rank, world).start()  # names a lost peer later
 
 
 def create_accelerator(cfg: BackendConfig, micro_batch_size: int, clip_grad: float | None, timeout_s: int = 300):

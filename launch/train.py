@@ -36,8 +36,11 @@ def main(argv: list[str]) -> int:
         if not _lost_peer(err):
             raise
         first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
-        _error(f"rank {os.environ.get('RANK', '0')}: lost contact with another process during a collective "
-               f"(it died, or hung past faults.collective_timeout_s = {recipe.faults.collective_timeout_s} s): {first}")
+        from framework.heartbeat import describe_silent_ranks
+
+        _error(f"rank {os.environ.get('RANK', '0')}: lost contact with another process during a collective: "
+               f"{describe_silent_ranks()} (a process that died, or hung past faults.collective_timeout_s = "
+               f"{recipe.faults.collective_timeout_s} s): {first}")
         return 1
     if summary.get("output_dir"):  # main process only
         print("final: " + json.dumps({"online": summary["eval"]["online"], "throughput": summary["throughput"]}))

@@ -157,5 +157,16 @@ def test_a_hung_process_stops_the_others_at_the_collective_timeout(tmp_path):
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode != 0
     assert 8 < waited < 40, waited  # the recipe's 10 s, not torch's 30 min
-    assert "error: rank 0: lost contact with another process during a collective" in stderr, [
+    assert "error: rank 0: lost contact with another process during a collective: rank 1 stopped responding" in stderr, [
         line for line in stderr.splitlines() if "Error" in line or "error" in line]
+
+
+def test_a_killed_process_is_named_by_the_survivor(tmp_path):
+    proc = start_launch(ARGS, tmp_path / "run")
+    workers = wait_workers(proc)
+    time.sleep(10)
+    next(w for w in workers if w.environ().get("RANK") == "1").send_signal(signal.SIGKILL)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert "error: rank 0: lost contact with another process during a collective: rank 1 stopped responding" in stderr, [
+        line for line in stderr.splitlines() if "rror" in line]
