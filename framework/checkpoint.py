@@ -93,6 +93,8 @@ def save_checkpoint(root: Path, step: int, state: dict, rank: int, world_size: i
     tag = f"step-{step:09d}"
     tmp, final = root / f".tmp-{tag}", root / tag
     if rank == 0:
+        if tmp.is_symlink():  # never follow a planted link
+            tmp.unlink()
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier()

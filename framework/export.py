@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 
+from framework.paths import temp_beside
+
 
 def detached_state_dict(accelerator, model) -> dict[str, torch.Tensor]:
     """The full state dict as CPU copies, taken now: a plain state_dict references the live tensors,
@@ -20,7 +22,7 @@ def save_state_dict(state: dict[str, torch.Tensor], path: Path) -> None:
     from safetensors.torch import save_file
 
     tensors = {k: v.contiguous() for k, v in state.items()}
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = temp_beside(path)
     save_file(tensors, str(tmp), metadata={"format": "pt"})
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())

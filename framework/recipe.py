@@ -11,6 +11,7 @@ import copy
 from pathlib import Path
 
 from framework.errors import RecipeError, show
+from framework.paths import check_output_dir, check_run_name
 from framework.schema import Recipe, convert_section, field_paths, suggest, to_dict
 from framework.yaml_io import load_yaml_file, parse_scalar
 
@@ -71,6 +72,7 @@ def apply_override(data: dict, key: str, value) -> None:
 
 
 def _check_semantics(r: Recipe, errors: list[str]) -> None:
+    check_run_name(r.name, errors)
     import timm  # slow import: only once the schema has passed
     import timm.optim
 
@@ -130,9 +132,11 @@ def resolve_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     recipe = convert_section(Recipe, data, errors)
     if not errors:
         _check_semantics(recipe, errors)
+    if not errors:
+        recipe.output.dir = recipe.output.dir.replace("${name}", recipe.name)
+        check_output_dir(Path(recipe.output.dir), errors)
     if errors:
         raise RecipeError(errors[0], errors)
-    recipe.output.dir = recipe.output.dir.replace("${name}", recipe.name)
     return recipe
 
 

@@ -12,6 +12,7 @@ import os
 import re
 from pathlib import Path
 
+from framework.paths import redirect_tool_dirs, temp_beside
 from framework.yaml_io import dump_yaml
 
 SECRET_NAME = re.compile(r"(_KEY|_TOKEN|_SECRET|PASSWORD)$", re.I)
@@ -19,7 +20,7 @@ SECRET_NAME = re.compile(r"(_KEY|_TOKEN|_SECRET|PASSWORD)$", re.I)
 
 def write_atomic(path: Path, text: str) -> None:
     """Write to a temporary name, fsync, rename: readers see the old file or the new one."""
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = temp_beside(path)
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
         f.flush()
@@ -65,6 +66,7 @@ class RunLogger:
         self.mode = resolve_wandb_mode(wandb_cfg.mode)
         self.run = None
         if self.mode != "disabled":
+            redirect_tool_dirs(out_dir)
             import wandb
 
             self.run = wandb.init(

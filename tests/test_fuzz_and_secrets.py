@@ -73,11 +73,19 @@ SECRETS = {"WANDB_API_KEY": "wandb-SECRET-00000000000000000000000000000000000000
 
 
 @pytest.mark.slow
-def test_secrets_never_reach_logs_run_files_or_checkpoints(tmp_path):
-    out = tmp_path / "run"
+def test_secrets_stay_out_and_every_write_stays_under_output_dir(tmp_path):
+    out, home, tmp = tmp_path / "run", tmp_path / "home", tmp_path / "tmp"
+    home.mkdir()
+    tmp.mkdir()
+    env = clean_env(**SECRETS, HOME=str(home), TMPDIR=str(tmp))
+    env.pop("XDG_CACHE_HOME", None)
     proc = launch([str(ROOT / "recipes" / "quickstart.yaml"), "schedule.epochs=2", "logging.wandb.mode=offline",
-                   "checkpoint.every=1", f"output.dir={out}"], nproc=2, cwd=tmp_path, env=clean_env(**SECRETS))
+                   "checkpoint.every=1", f"output.dir={out}"], nproc=2, cwd=tmp_path, env=env)
     check_ok(proc)
+    # Outside output.dir: only the shared digits cache (the bundled dataset, written once per machine)
+    elsewhere = [p for p in [*home.rglob("*"), *tmp.rglob("*")] if p.is_file()]
+    assert elsewhere and all(p.is_relative_to(home / ".cache" / "bnswa" / "digits-v1") for p in elsewhere), [
+        str(p) for p in elsewhere if "digits-v1" not in str(p)]
     files = [p for p in out.rglob("*") if p.is_file()]
     assert any(p.suffix == ".wandb" for p in files) and any(p.name == "manifest.json" for p in files)
     for secret in SECRETS.values():

@@ -54,6 +54,7 @@ def test_nan_and_bool_are_refused_for_numbers(tmp_path):
 
 # (id, recipe text or None for "no file", overrides, substrings the error must contain)
 BAD = [
+    ("name-climbs-out", "name: ../../escape\n" + GOOD, [], ["name = '../../escape'", "letters, digits"]),
     ("unknown-top-key", GOOD + "optimiser: {lr: 0.1}\n", [], ["optimiser: unknown key", "did you mean 'optimizer'"]),
     ("unknown-nested-key", GOOD.replace("lr: 0.1", "lrr: 0.1"), [], ["optimizer.lrr: unknown key", "did you mean 'lr'"]),
     ("wrong-type", GOOD.replace("lr: 0.1", "lr: fast"), [], ["optimizer.lr = 'fast'", "expected a number"]),
@@ -134,3 +135,17 @@ def test_catalogue_is_large_enough():
     assert len(BAD) >= 15
     assert len({c[0] for c in BAD}) == len(BAD)
     assert Path(ENTRY).is_file()
+
+
+@pytest.mark.parametrize("link", ["metrics.jsonl", "checkpoints", "checkpoints/step-000000001"])
+def test_a_symlink_in_output_dir_is_refused_before_anything_is_written(tmp_path, link):
+    (tmp_path / "r.yaml").write_text(GOOD)
+    out, outside = tmp_path / "out", tmp_path / "outside"
+    outside.mkdir()
+    (out / link).parent.mkdir(parents=True, exist_ok=True)
+    (out / link).symlink_to(outside, target_is_directory=True)
+    proc = subprocess.run([sys.executable, str(ENTRY), str(tmp_path / "r.yaml"), f"output.dir={out}"],
+                          cwd=tmp_path, env=clean_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"{link} is a symbolic link" in proc.stderr and "output.dir" in proc.stderr
+    assert list(outside.iterdir()) == [] and sorted(p.name for p in out.iterdir()) == [link.split("/")[0]]
