@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from framework.sampling import EpochTagged, SeededAugmentation, ShardSampler
 from framework.schema import DataConfig
 
 DIGITS_VERSION = "v1"  # bump when the split or encoding changes: invalidates caches
@@ -89,48 +90,6 @@ class PaddedEval(Dataset):
         return image, target if i < self.real else -1
 
 
-class ShardSampler(DistributedSampler):
-    """DistributedSampler(shuffle=True, drop_last=True), and resumable inside an epoch.
-
-    `skip(world, per_rank)` leaves out what `world` processes had drawn when stopped after
-    `per_rank` samples each, so the rest of the epoch is seen exactly once, with this world size
-    or another. With the same world size it continues each process's own sequence exactly.
-    """
-
-    def __init__(self, dataset, num_replicas: int, rank: int, seed: int):
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
-        self.consumed: tuple[int, int] | None = None
-        self._cache: tuple[tuple, list[int]] | None = None  # len() and iter() share one permutation per epoch
-
-    def skip(self, world: int, per_rank: int) -> None:
-        self.consumed = (world, per_rank) if per_rank else None
-
-    def set_epoch(self, epoch: int) -> None:
-        super().set_epoch(epoch)
-        self.consumed = None
-
-    def _order(self) -> list[int]:
-        key = (self.epoch, self.consumed)
-        if self._cache is None or self._cache[0] != key:
-            self._cache = (key, self._compute_order())
-        return self._cache[1]
-
-    def _compute_order(self) -> list[int]:
-        g = torch.Generator().manual_seed(self.seed + self.epoch)
-        order = torch.randperm(len(self.dataset), generator=g).tolist()
-        if self.consumed is not None:
-            world, k = self.consumed
-            used = set(order[: k * world])  # the first k of each old rank's strided shard
-            order = [i for i in order if i not in used]
-        return order[: len(order) - len(order) % self.num_replicas]
-
-    def __iter__(self):
-        return iter(self._order()[self.rank:: self.num_replicas])
-
-    def __len__(self) -> int:
-        return len(self._order()) // self.num_replicas
-
-
 @dataclass
 class Loaders:
     train: DataLoader
@@ -173,6 +132,8 @@ def create_loaders(cfg: DataConfig, train_ds, val_ds, rank: int, world_size: int
     val_sampler = DistributedSampler(padded, num_replicas=world_size, rank=rank, shuffle=False)
     common = dict(num_workers=cfg.workers, pin_memory=pin_memory, persistent_workers=cfg.workers > 0)
     g = torch.Generator().manual_seed(seed + rank)  # worker seeds: distinct per rank, fixed per run
-    train = DataLoader(train_ds, batch_size=cfg.batch_size, sampler=train_sampler, drop_last=True, generator=g, **common)
+    # In workers, each sample's augmentation is seeded by (seed, epoch, index): a resumed epoch repeats it exactly
+    train = DataLoader(SeededAugmentation(train_ds, seed), batch_size=cfg.batch_size, sampler=EpochTagged(train_sampler),
+                       drop_last=True, generator=g, **common)
     val = DataLoader(padded, batch_size=cfg.eval_batch_size, sampler=val_sampler, **common)
     return Loaders(train=train, val=val, train_sampler=train_sampler, num_val_images=len(val_ds))

@@ -8,7 +8,7 @@ import pytest
 import timm
 
 from framework.data import PaddedEval, create_datasets, create_loaders, ensure_digits_folder
-from framework.schema import DataConfig
+from framework.schema import AugmentConfig, DataConfig
 
 
 def test_digits_folder_is_real_images_with_a_fixed_split(digits_root, tmp_path):
@@ -54,3 +54,34 @@ def test_training_shards_are_disjoint_and_loaders_use_timm_transforms(digits_roo
         assert loaders.num_val_images == 360
     assert not shards[0] & shards[1]
     assert len(shards[0]) == len(shards[1]) == 1437 // 2
+
+
+def _batches(cfg, train_ds, val_ds, epoch, skip_per_rank=0, limit=None):
+    import torch
+
+    loaders = create_loaders(cfg, train_ds, val_ds, rank=1, world_size=2, seed=5, pin_memory=False)
+    loaders.train_sampler.set_epoch(epoch)
+    loaders.train_sampler.skip(2, skip_per_rank)
+    out = []
+    for images, targets in loaders.train:
+        if limit is not None and len(out) == limit:
+            break
+        out.append((images.clone(), targets.clone()))
+    return torch.cat([b[0] for b in out]), torch.cat([b[1] for b in out])
+
+
+def test_with_workers_a_resumed_epoch_repeats_the_interrupted_one_bitwise(digits_root):
+    """Random augmentation in worker processes: stopped after 5 batches, a fresh loader (fresh workers)
+    that skips them yields exactly the rest of the uninterrupted epoch, whatever the worker count."""
+    import torch
+
+    cfg = DataConfig(batch_size=16, image_size=32, workers=2, augment=AugmentConfig(color_jitter=0.4))
+    train_ds, val_ds = create_datasets(cfg, timm.create_model("test_resnet", num_classes=10), 10, 3, seed=0)
+    full_x, full_y = _batches(cfg, train_ds, val_ds, epoch=2)
+    head_x, head_y = _batches(cfg, train_ds, val_ds, epoch=2, limit=5)
+    rest_x, rest_y = _batches(cfg, train_ds, val_ds, epoch=2, skip_per_rank=5 * 16)
+    assert torch.equal(torch.cat([head_x, rest_x]), full_x) and torch.equal(torch.cat([head_y, rest_y]), full_y)
+    other_epoch_x, _ = _batches(cfg, train_ds, val_ds, epoch=3, limit=5)
+    assert not torch.equal(other_epoch_x, head_x)  # augmentation still differs between epochs
+    one_worker = DataConfig(batch_size=16, image_size=32, workers=1, augment=AugmentConfig(color_jitter=0.4))
+    assert torch.equal(_batches(one_worker, train_ds, val_ds, epoch=2, limit=5)[0], head_x)

@@ -1,0 +1,92 @@
+"""Which training samples each process draws, and how their augmentation is seeded.
+
+`ShardSampler` gives each process a disjoint shard per epoch and can resume inside an epoch,
+with the same world size or another. With `data.workers > 0`, a fresh DataLoader seeds its
+workers anew, so a resumed epoch would draw other augmentations than the interrupted one; to
+make a resume exact, the sampler's indices are tagged with the epoch and each worker seeds its
+random generators from (seed, epoch, index) before loading that sample. Without workers, the
+main process's generators are used as they are (they are in every checkpoint).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, DistributedSampler, Sampler, get_worker_info
+
+
+class ShardSampler(DistributedSampler):
+    """DistributedSampler(shuffle=True, drop_last=True), and resumable inside an epoch.
+
+    `skip(world, per_rank)` leaves out what `world` processes had drawn when stopped after
+    `per_rank` samples each, so the rest of the epoch is seen exactly once, with this world size
+    or another. With the same world size it continues each process's own sequence exactly.
+    """
+
+    def __init__(self, dataset, num_replicas: int, rank: int, seed: int):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        self.consumed: tuple[int, int] | None = None
+        self._cache: tuple[tuple, list[int]] | None = None  # len() and iter() share one permutation per epoch
+
+    def skip(self, world: int, per_rank: int) -> None:
+        self.consumed = (world, per_rank) if per_rank else None
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        self.consumed = None
+
+    def _order(self) -> list[int]:
+        key = (self.epoch, self.consumed)
+        if self._cache is None or self._cache[0] != key:
+            self._cache = (key, self._compute_order())
+        return self._cache[1]
+
+    def _compute_order(self) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(len(self.dataset), generator=g).tolist()
+        if self.consumed is not None:
+            world, k = self.consumed
+            used = set(order[: k * world])  # the first k of each old rank's strided shard
+            order = [i for i in order if i not in used]
+        return order[: len(order) - len(order) % self.num_replicas]
+
+    def __iter__(self):
+        return iter(self._order()[self.rank:: self.num_replicas])
+
+    def __len__(self) -> int:
+        return len(self._order()) // self.num_replicas
+
+
+class EpochTagged(Sampler):
+    """Yields (epoch, index) from a ShardSampler, for SeededAugmentation."""
+
+    def __init__(self, sampler: ShardSampler):
+        self.sampler = sampler
+
+    def __iter__(self):
+        epoch = self.sampler.epoch
+        return ((epoch, i) for i in self.sampler)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
+class SeededAugmentation(Dataset):
+    def __init__(self, dataset: Dataset, seed: int):
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        epoch, index = key
+        if get_worker_info() is not None:  # a worker's generators are its own; the main process's are checkpointed
+            digest = hashlib.blake2b(f"{self.seed}/{epoch}/{index}".encode(), digest_size=8).digest()
+            h = int.from_bytes(digest, "little") >> 1
+            torch.manual_seed(h)
+            random.seed(h)
+            np.random.seed(h % 2**32)
+        return self.dataset[index]
