@@ -14,10 +14,12 @@ from framework.schema import BackendConfig, ModelConfig, OptimizerConfig, Schedu
 _PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 
 
-def resolve_precision(requested: str, cuda: bool) -> tuple[str, str | None]:
+def resolve_precision(requested: str, cuda: bool, deepspeed: bool = False) -> tuple[str, str | None]:
     """Precision to run with and, when it differs from the request, why."""
     if requested == "fp16" and not cuda:
         return "fp32", "backend.precision = 'fp16' needs a GPU; running in fp32 on CPU"
+    if requested == "bf16" and deepspeed and not cuda:  # its bf16 engine casts the model, and CPU BatchNorm refuses mixed dtypes
+        return "fp32", "backend.precision = 'bf16' under DeepSpeed needs a GPU; running in fp32 on CPU"
     return requested, None
 
 
@@ -81,7 +83,7 @@ def create_accelerator(cfg: BackendConfig, micro_batch_size: int, clip_grad: flo
     from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
     cuda = torch.cuda.is_available()
-    precision, note = resolve_precision(cfg.precision, cuda)
+    precision, note = resolve_precision(cfg.precision, cuda, cfg.type == "deepspeed")
     init_process_group(cuda, timeout_s)
     if cfg.type == "deepspeed":
         from accelerate.utils import DeepSpeedPlugin

@@ -145,3 +145,13 @@ def test_exported_models_load_with_timm_alone_and_reproduce_top1(run2, kind):
             correct += (model(x).argmax(1) == y).sum().item()
     logged = s["eval"]["online"]["top1"] if kind == "online" else s["eval"]["averaged"]["recompute"]["top1"]
     assert abs(100.0 * correct / len(val) - logged) <= 100.0 / len(val) + 1e-9  # at most one image apart
+
+
+def test_precisions_a_cpu_cannot_run_fall_back_to_fp32_and_say_why():
+    from framework.builders import resolve_precision
+
+    assert resolve_precision("fp16", cuda=False)[0] == "fp32"
+    precision, note = resolve_precision("bf16", cuda=False, deepspeed=True)
+    assert precision == "fp32" and "backend.precision = 'bf16' under DeepSpeed needs a GPU" in note
+    assert resolve_precision("bf16", cuda=True, deepspeed=True) == ("bf16", None)
+    assert resolve_precision("bf16", cuda=False) == ("bf16", None)  # CPU autocast under DDP
