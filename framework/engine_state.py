@@ -7,13 +7,15 @@
   process, minus the objects DeepSpeed would pickle (the loss scaler is kept as its scalar
   fields), and goes back through its own `load_state_dict`, so nothing is ever unpickled.
   Under ZeRO-3, parameters are placeholders in `module.state_dict()`; the module part is its
-  buffers (BN statistics, which no ZeRO stage partitions). Partitions only fit the world size
-  that wrote them, so another world size is refused.
+  buffers (BN statistics, which no ZeRO stage partitions). Where each parameter's pieces lie
+  in the partitions is saved too, so another world size can re-cut them (`zero_reshard.py`).
 """
 
 from __future__ import annotations
 
 import torch
+
+from framework import zero_reshard
 
 ENGINE_COUNTERS = ("global_steps", "global_samples", "skipped_steps", "micro_steps")
 
@@ -27,8 +29,6 @@ def _plain(value) -> bool:
 
 
 class ReplicatedState:
-    resharding = True
-
     def __init__(self, module: torch.nn.Module, optimizer, engine=None):
         self.module, self.optimizer, self.engine = module, optimizer, engine
 
@@ -44,11 +44,21 @@ class ReplicatedState:
 
 
 class ZeroState(ReplicatedState):
-    resharding = False
-
     def __init__(self, module: torch.nn.Module, engine, stage: int):
         super().__init__(module, engine.optimizer, engine)
         self.stage = stage
+        self.rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+    def layout(self) -> dict:
+        master = zero_reshard.master_fragments(self.module, self.optimizer, self.stage, self.rank)
+        return {"master": master, "optim_order": zero_reshard.optimizer_partition_order(self.optimizer, self.stage),
+                "averaged": zero_reshard.averaged_fragments(self.module, self.stage, self.rank, master)}
+
+    def reshard(self, old: list[dict], averaged_sizes: list[int]) -> dict:
+        """Every old process's saved state, re-cut for this process (another world size)."""
+        flats = self.optimizer.fp32_partitioned_groups_flat if self.stage == 3 else self.optimizer.single_partition_of_fp32_groups
+        layout = {**self.layout(), "master_sizes": [t.numel() for t in flats]}
+        return zero_reshard.reshard(old, self.state_dict(), self.stage, layout, averaged_sizes)
 
     def state_dict(self) -> dict:
         full = self.optimizer.state_dict()
@@ -57,7 +67,7 @@ class ZeroState(ReplicatedState):
         zero = {k: v for k, v in full.items() if _plain(v)}
         zero["loss_scaler"] = {k: v for k, v in vars(self.optimizer.loss_scaler).items() if _plain(v)}
         counters = {k: getattr(self.engine, k) for k in ENGINE_COUNTERS}
-        return {"model": dict(self.module.named_buffers()), "optimizer": zero, "engine": counters}
+        return {"model": dict(self.module.named_buffers()), "optimizer": zero, "engine": counters, "layout": self.layout()}
 
     def load_state_dict(self, saved: dict) -> None:
         with torch.no_grad():

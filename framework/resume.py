@@ -73,13 +73,14 @@ def resume_run(recipe, out, state, engine_state, sources: dict, accelerator) -> 
     saved = load_rank_state(Path(choice[0]), accelerator.process_index)
     pos = saved["position"]
     same = pos["world_size"] == world
-    if not same and not engine_state.resharding:
-        raise SystemExit(f"error: resume = {recipe.resume!r}: {choice[0]} was written by {pos['world_size']} processes "
-                         f"under ZeRO stage {recipe.backend.zero_stage}, whose partitions fit only that many; "
-                         f"resume with {pos['world_size']} processes, or resume=never")
+    if not same and hasattr(engine_state, "reshard"):  # ZeRO partitions: re-cut from every old process's
+        old = [load_rank_state(Path(choice[0]), r) for r in range(pos["world_size"])]
+        sizes = [t.numel() for t in state.averager.avg.tensors()] if state.averager is not None else []
+        saved = engine_state.reshard(old, sizes)
     restore(saved, state, engine_state, sources, same)
     if accelerator.is_main_process:
-        note = "" if same else (f"; world size {world} (was {pos['world_size']}): weights and optimizer from rank 0, "
+        how = "re-cut from every old process's partitions" if hasattr(engine_state, "reshard") else "from rank 0"
+        note = "" if same else (f"; world size {world} (was {pos['world_size']}): weights and optimizer {how}, "
                                 "the rest of the epoch's samples re-sharded")
         print(f"resumed from {choice[0]} at epoch {pos['epoch'] + 1}, step {pos['step_in_epoch']}{note}", flush=True)
     stats = saved["epoch_stats"] if same else None

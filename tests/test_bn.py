@@ -71,8 +71,10 @@ def test_recompute_with_two_processes_equals_one_process_over_the_union(ranks, m
 def test_recompute_is_the_population_variance_not_the_mean_of_batch_variances():
     """Batches with different means: the population variance includes the spread of the means."""
     bn = torch.nn.Sequential(torch.nn.BatchNorm2d(1))
+    bn[0].num_batches_tracked.fill_(7)  # training steps so far
     batches = [(torch.full((4, 1, 2, 2), v) + torch.randn(4, 1, 2, 2) * 0.1, None) for v in (-2.0, 2.0)]
     recompute_bn_stats(bn, batches)
+    assert bn[0].num_batches_tracked.item() == 7  # an evaluation pass does not count as training
     allx = torch.cat([b for b, _ in batches])
     torch.testing.assert_close(bn[0].running_mean, allx.mean().view(1), atol=1e-6, rtol=0)
     torch.testing.assert_close(bn[0].running_var, allx.var(unbiased=True).view(1), atol=1e-5, rtol=0)

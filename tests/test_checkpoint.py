@@ -101,3 +101,60 @@ def test_step_control_refuses_non_finite_steps():
     assert not skipping.check(torch.tensor(1.0), [p], 1) and not skipping.check(torch.tensor(1.0), [p], 2)
     with pytest.raises(NonFiniteError, match="3 consecutive non-finite steps"):
         skipping.check(torch.tensor(1.0), [p], 3)
+
+
+def _zero3_layout(sizes: dict[str, int], world: int, rank: int):
+    """ZeRO-3's layout: each parameter cut into `world` equal pieces (the last padded), one flat partition."""
+    master, averaged, offset = [], [], 0
+    for j, (name, numel) in enumerate(sizes.items()):
+        part = -(-numel // world)
+        if numel > rank * part:
+            n = min(part, numel - rank * part)
+            master.append((name, rank * part, 0, offset, n))
+            averaged.append((name, rank * part, j, 0, n))
+        offset += part
+    return {"master": master, "averaged": averaged, "optim_order": [0], "master_sizes": [offset]}
+
+
+def _partition(full: dict, layout: dict, key: str, sizes: list[int]) -> list[torch.Tensor]:
+    out = [torch.zeros(n) for n in sizes]
+    for name, p_off, idx, t_off, n in layout[key]:
+        out[idx][t_off:t_off + n] = full[name][p_off:p_off + n]
+    return out
+
+
+def test_zero_partitions_are_re_cut_for_another_world_size():
+    """Weights, momentum and averages saved by 2 processes, re-cut for 3: each new partition holds
+    exactly its slice of every parameter; scalars come from old rank 0."""
+    from framework.zero_reshard import reshard
+
+    sizes = {"a": 10, "b": 7, "c": 1}
+    g = torch.Generator().manual_seed(0)
+    weights, momentum, avg = ({k: torch.randn(n, generator=g) for k, n in sizes.items()} for _ in range(3))
+    old = []
+    for rank in range(2):
+        lay = _zero3_layout(sizes, 2, rank)
+        old.append({
+            "layout": lay, "model": {}, "engine": {"global_steps": 9},
+            "optimizer": {"fp32_flat_groups": _partition(weights, lay, "master", lay["master_sizes"]),
+                          "optimizer_state_dict": {"state": {0: {"momentum_buffer": _partition(momentum, lay, "master", lay["master_sizes"])[0],
+                                                                 "step": 9}},
+                                                   "param_groups": [{"params": [0], "lr": 0.05}]},
+                          "loss_scaler": {"cur_scale": 1.0}},
+            "averager": {"n": 4, "tensors": {f"t{j}": t for j, t in enumerate(
+                _partition(avg, lay, "averaged", [-(-n // 2) for n in sizes.values()]))}},
+        })
+    for rank in range(3):
+        lay = _zero3_layout(sizes, 3, rank)
+        avg_sizes = [-(-n // 3) for n in sizes.values()]
+        live = {"optimizer": {"fp32_flat_groups": [torch.zeros(lay["master_sizes"][0])],
+                              "optimizer_state_dict": {"state": {}, "param_groups": [{"params": [0], "lr": 0.1}]},
+                              "loss_scaler": {"cur_scale": 2.0}}}
+        new = reshard(old, live, 3, lay, avg_sizes)
+        assert torch.equal(new["optimizer"]["fp32_flat_groups"][0], _partition(weights, lay, "master", lay["master_sizes"])[0])
+        state = new["optimizer"]["optimizer_state_dict"]
+        assert torch.equal(state["state"][0]["momentum_buffer"], _partition(momentum, lay, "master", lay["master_sizes"])[0])
+        assert state["state"][0]["step"] == 9 and state["param_groups"] == [{"params": [0], "lr": 0.05}]
+        assert new["optimizer"]["loss_scaler"] == {"cur_scale": 1.0} and new["averager"]["n"] == 4
+        expected = _partition(avg, lay, "averaged", avg_sizes)
+        assert all(torch.equal(new["averager"]["tensors"][f"t{j}"], t) for j, t in enumerate(expected))

@@ -36,6 +36,7 @@ def recompute_bn_stats(model: torch.nn.Module, batches, max_batches: int | None 
         acc[-1] += x.numel() / x.shape[1]
 
     modes = {m: m.training for m in model.modules()}
+    steps = [m.num_batches_tracked.clone() for m in bns]  # a training-step count: the pass must not add to it
     hooks = [m.register_forward_pre_hook(accumulate) for m in bns]
     model.eval()
     for m in bns:
@@ -53,6 +54,8 @@ def recompute_bn_stats(model: torch.nn.Module, batches, max_batches: int | None 
             h.remove()
         for m, mode in modes.items():
             m.train(mode)
+        for m, n in zip(bns, steps, strict=True):
+            m.num_batches_tracked.copy_(n)
     if bns and dist.is_initialized() and dist.get_world_size() > 1:
         flat = torch.cat([sums[m] for m in bns])
         dist.all_reduce(flat)
@@ -64,5 +67,4 @@ def recompute_bn_stats(model: torch.nn.Module, batches, max_batches: int | None 
         var = (q / n - mean * mean).clamp_min(0) * n / (n - 1)  # float64 keeps the subtraction exact enough
         m.running_mean.copy_(mean)
         m.running_var.copy_(var)
-        m.num_batches_tracked.fill_(used)
     return used
