@@ -68,6 +68,19 @@ def check_ok(proc: subprocess.CompletedProcess) -> None:
     assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
 
 
+# 2 processes, DDP, SWA from the middle of epoch 1 and SyncBatchNorm on: all the state a resume must restore
+REFERENCE_ARGS = [str(ROOT / "recipes" / "quickstart.yaml"), "schedule.epochs=2", "bn.mode=sync", "averaging.start=0.4",
+                  "logging.wandb.mode=disabled"]
+
+
+@pytest.fixture(scope="session")
+def reference_run(tmp_path_factory) -> Path:
+    """The uninterrupted DDP run that resume tests and the DeepSpeed comparison measure against."""
+    out = tmp_path_factory.mktemp("reference") / "run"
+    check_ok(launch([*REFERENCE_ARGS, f"output.dir={out}"], nproc=2, cwd=out.parent))
+    return out
+
+
 @pytest.fixture(scope="session")
 def digits_root():
     from framework.data import ensure_digits_folder

@@ -10,20 +10,20 @@ import time
 
 import pytest
 import torch
-from conftest import ROOT, check_ok, launch, read_metrics, read_summary, start_launch, wait_workers
+from conftest import REFERENCE_ARGS, check_ok, launch, read_metrics, read_summary, start_launch, wait_workers
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
-QUICKSTART = str(ROOT / "recipes" / "quickstart.yaml")
-ARGS = [QUICKSTART, "schedule.epochs=2", "optimizer.name=sgd", "backend.precision=fp32", "bn.mode=sync",
-        "averaging.start=0.4", "logging.wandb.mode=disabled"]
+ARGS = REFERENCE_ARGS  # the quickstart's SGD in fp32
 BACKENDS = {"ddp": ["backend.type=ddp"], **{f"zero{z}": ["backend.type=deepspeed", f"backend.zero_stage={z}"] for z in (1, 2, 3)}}
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    out = {}
+def runs(tmp_path_factory, reference_run):
+    out = {"ddp": reference_run}  # the same recipe under DDP
     for name, args in BACKENDS.items():
+        if name == "ddp":
+            continue
         run_dir = tmp_path_factory.mktemp(name) / "run"
         check_ok(launch([*ARGS, f"output.dir={run_dir}", *args], nproc=2, cwd=run_dir.parent))
         out[name] = run_dir

@@ -10,22 +10,18 @@ import time
 import psutil
 import pytest
 import torch
-from conftest import ROOT, check_ok, launch, read_metrics, start_launch, wait_workers
+from conftest import REFERENCE_ARGS, check_ok, launch, read_metrics, start_launch, wait_workers
 from safetensors.torch import load_file
 
 from framework.data import ShardSampler
 
 pytestmark = pytest.mark.slow
-# SWA from the middle of epoch 2 and SyncBatchNorm on: the state a resume must restore is all there
-ARGS = [str(ROOT / "recipes" / "quickstart.yaml"), "schedule.epochs=2", "bn.mode=sync", "averaging.start=0.4",
-        "logging.wandb.mode=disabled"]
+ARGS = REFERENCE_ARGS
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
-    out = tmp_path_factory.mktemp("full") / "run"
-    check_ok(launch([*ARGS, f"output.dir={out}"], nproc=2, cwd=out.parent))
-    return out
+@pytest.fixture
+def uninterrupted(reference_run):
+    return reference_run
 
 
 @pytest.mark.parametrize("target", ["worker", "launcher"])
