@@ -79,9 +79,8 @@ class ZeroState(ReplicatedState):
             setattr(scaler, key, value)
         zero["loss_scaler"] = scaler
         world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
         per_rank = [None] * world
-        per_rank[rank] = zero  # the rigid (same world size) path reads only this process's entry
+        per_rank[self.rank] = zero  # the rigid (same layout) path reads only this process's entry
         self.optimizer.load_state_dict(per_rank, load_optimizer_states=True, load_from_fp32_weights=True)
         if self.stage in (1, 2):
             self.optimizer.update_lp_params()  # ZeRO-3's load already copies fp32 into the parameter partitions
