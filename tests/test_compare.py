@@ -21,7 +21,9 @@ def run_dirs(tmp_path_factory):
     dirs = {}
     for name, args in RUNS.items():
         dirs[name] = base / name
+        # small synthetic data: compare reads run files, it does not need a trained model
         check_ok(launch([str(ROOT / "recipes" / "quickstart.yaml"), "schedule.epochs=2", "logging.wandb.mode=disabled",
+                         "data.source=synthetic", "data.synthetic_train_size=256", "data.synthetic_val_size=64",
                          f"output.dir={dirs[name]}", *args], nproc=1, cwd=base))
     return dirs
 

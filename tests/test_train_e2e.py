@@ -8,7 +8,7 @@ import time
 
 import pytest
 import yaml
-from conftest import ROOT, check_ok, launch, read_metrics, read_summary
+from conftest import REFERENCE_ARGS, ROOT, check_ok, launch, read_metrics, read_summary
 
 from framework.wandb_file import find_run_files, read_run
 
@@ -96,9 +96,10 @@ def test_one_wandb_run_with_metrics_and_config(run2):
     assert table["columns"][:3] == ["model", "bn_stats", "top1"] and len(table["data"]) == 6
 
 
-def test_same_seed_same_losses(run2, tmp_path_factory):
-    again, _ = _two_process_quickstart(tmp_path_factory, "q2b")
-    a, b = read_metrics(run2[0]), read_metrics(again)
+def test_same_seed_same_losses(reference_run, tmp_path):
+    again = tmp_path / "run"
+    check_ok(launch([*REFERENCE_ARGS, f"output.dir={again}"], nproc=2, cwd=tmp_path))
+    a, b = read_metrics(reference_run), read_metrics(again)
     assert [r["train/loss"] for r in a] == [r["train/loss"] for r in b]
     assert [r["eval/online/top1"] for r in a] == [r["eval/online/top1"] for r in b]
 
