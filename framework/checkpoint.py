@@ -117,7 +117,7 @@ def save_checkpoint(root: Path, step: int, state: dict, rank: int, world_size: i
         fd = os.open(root, os.O_RDONLY)
         os.fsync(fd)
         os.close(fd)
-        for old in complete_checkpoints(root, verbose=False)[:-keep]:
+        for old in [c for c in _checkpoints(root) if (c / MANIFEST).is_file()][:-keep]:  # no re-hashing here
             shutil.rmtree(old, ignore_errors=True)
     _barrier()
     return final
@@ -139,24 +139,26 @@ def check_checkpoint(path: Path) -> str | None:
     return None
 
 
-def complete_checkpoints(root: Path, verbose: bool = True) -> list[Path]:
-    """Complete, intact checkpoints, oldest first; the others are skipped with a message."""
-    found = []
-    for path in sorted(p for p in root.glob("step-*") if p.is_dir()) if root.is_dir() else []:
+def _checkpoints(root: Path) -> list[Path]:
+    """Checkpoint folders, oldest first."""
+    return sorted(p for p in root.glob("step-*") if p.is_dir()) if root.is_dir() else []
+
+
+def newest_intact_checkpoint(root: Path) -> Path | None:
+    """Checked newest first, so only what is skipped (with a message) and the one chosen are hashed."""
+    for path in reversed(_checkpoints(root)):
         problem = check_checkpoint(path)
         if problem is None:
-            found.append(path)
-        elif verbose:
-            print(f"note: skipping checkpoint {path}: {problem}", flush=True)
-    return found
+            return path
+        print(f"note: skipping checkpoint {path}: {problem}", flush=True)
+    return None
 
 
 def resolve_resume(resume: str, root: Path) -> Path | None:
     if resume == "never":
         return None
     if resume == "auto":
-        found = complete_checkpoints(root)
-        return found[-1] if found else None
+        return newest_intact_checkpoint(root)
     path = Path(resume)
     if path.is_file() and path.suffix in PICKLE_SUFFIXES:
         raise CheckpointError(f"resume = {resume!r}: refusing a pickle file (loading it could run code); "
@@ -167,6 +169,10 @@ def resolve_resume(resume: str, root: Path) -> Path | None:
     return path
 
 
+def checkpoint_world_size(path: Path) -> int:
+    return json.loads((path / MANIFEST).read_text())["world_size"]
+
+
 def load_rank_state(path: Path, rank: int) -> dict:
     """This process's state (rank 0's when the checkpoint had fewer processes). Plain data and tensors only."""
     from safetensors.torch import load_file
@@ -174,7 +180,6 @@ def load_rank_state(path: Path, rank: int) -> dict:
     for f in path.iterdir():
         if f.suffix in PICKLE_SUFFIXES:
             raise CheckpointError(f"{f}: refusing to load a pickle from a checkpoint (it could run code)")
-    world = json.loads((path / MANIFEST).read_text())["world_size"]
-    r = rank if rank < world else 0
+    r = rank if rank < checkpoint_world_size(path) else 0
     tensors = load_file(str(path / f"rank{r}.safetensors"))
     return decode(json.loads((path / f"rank{r}.json").read_text()), tensors)

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import sys
-
-from framework.errors import RecipeError
+from framework.errors import RecipeError, print_errors
 from framework.recipe import recipe_to_dict, resolve_recipe
 from framework.schema import Recipe
 from framework.yaml_io import dump_yaml
@@ -24,8 +22,7 @@ def load_or_exit(argv: list[str], quiet_rank: bool = False) -> Recipe:
 
 def _fail(lines: list[str], quiet: bool):
     if not quiet:  # under a multi-process launch, only local rank 0 prints
-        sys.stderr.write("".join(f"error: {line}\n" for line in lines))  # one write: no interleaving
-        sys.stderr.flush()
+        print_errors(lines)
     raise SystemExit(USER_ERROR)
 
 

@@ -29,6 +29,8 @@ def _plain(value) -> bool:
 
 
 class ReplicatedState:
+    partitioned = False  # another world size loads rank 0's state as it is
+
     def __init__(self, module: torch.nn.Module, optimizer, engine=None):
         self.module, self.optimizer, self.engine = module, optimizer, engine
 
@@ -44,6 +46,8 @@ class ReplicatedState:
 
 
 class ZeroState(ReplicatedState):
+    partitioned = True  # another world size re-cuts every old process's partitions (reshard)
+
     def __init__(self, module: torch.nn.Module, engine, stage: int):
         super().__init__(module, engine.optimizer, engine)
         self.stage = stage

@@ -1,5 +1,7 @@
 """User-facing errors: printed as one line, exit code 2, no traceback."""
 
+import sys
+
 
 class RecipeError(ValueError):
     """A recipe or override the framework refuses, with a message that names the key and what is allowed."""
@@ -7,6 +9,12 @@ class RecipeError(ValueError):
     def __init__(self, message: str, errors: list[str] | None = None):
         self.errors = errors or [message]
         super().__init__(message)
+
+
+def print_errors(lines: list[str]) -> None:
+    """`error: ...` lines in one write, so lines from several processes never interleave."""
+    sys.stderr.write("".join(f"error: {line}\n" for line in lines))
+    sys.stderr.flush()
 
 
 def show(key) -> str:

@@ -45,9 +45,6 @@ class Heartbeat:
         _active = self
         return self
 
-    def stop(self) -> None:
-        self._stop.set()
-
     def _read(self) -> dict[int, int]:
         others = [r for r in range(self.world_size) if r != self.rank]
         return {r: int(self.store.get(self._key(r))) for r in others}

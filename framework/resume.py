@@ -52,7 +52,7 @@ def resume_run(recipe, out, state, engine_state, sources: dict, accelerator) -> 
 
     import torch.distributed as dist
 
-    from framework.checkpoint import CheckpointError, load_rank_state, resolve_resume
+    from framework.checkpoint import CheckpointError, checkpoint_world_size, load_rank_state, resolve_resume
 
     world = accelerator.num_processes
     fresh = {"epoch": 0, "step_in_epoch": 0, "world_size": world, "epoch_stats": None, "records": []}
@@ -70,16 +70,17 @@ def resume_run(recipe, out, state, engine_state, sources: dict, accelerator) -> 
         return fresh
     if choice[0].startswith("error: "):
         raise SystemExit(choice[0])
-    saved = load_rank_state(Path(choice[0]), accelerator.process_index)
-    pos = saved["position"]
-    same = pos["world_size"] == world
-    if not same and hasattr(engine_state, "reshard"):  # ZeRO partitions: re-cut from every old process's
-        old = [load_rank_state(Path(choice[0]), r) for r in range(pos["world_size"])]
+    path = Path(choice[0])
+    same = checkpoint_world_size(path) == world
+    if same or not engine_state.partitioned:
+        saved = load_rank_state(path, accelerator.process_index)  # rank 0's when there were fewer processes
+    else:  # ZeRO partitions: re-cut from every old process's
         sizes = [t.numel() for t in state.averager.avg.tensors()] if state.averager is not None else []
-        saved = engine_state.reshard(old, sizes)
+        saved = engine_state.reshard([load_rank_state(path, r) for r in range(checkpoint_world_size(path))], sizes)
+    pos = saved["position"]
     restore(saved, state, engine_state, sources, same)
     if accelerator.is_main_process:
-        how = "re-cut from every old process's partitions" if hasattr(engine_state, "reshard") else "from rank 0"
+        how = "re-cut from every old process's partitions" if engine_state.partitioned else "from rank 0"
         note = "" if same else (f"; world size {world} (was {pos['world_size']}): weights and optimizer {how}, "
                                 "the rest of the epoch's samples re-sharded")
         print(f"resumed from {choice[0]} at epoch {pos['epoch'] + 1}, step {pos['step_in_epoch']}{note}", flush=True)

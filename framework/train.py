@@ -86,7 +86,8 @@ def train_one_epoch(state: TrainState, loader, max_steps: int | None = None, pro
     model.train()
     stats = stats or new_epoch_stats(acc.device)
     taken = 0
-    bn_backup = [t.clone() for t in state.bn_buffers] if control is not None else []
+    # Only `skip` puts a refused step's BN statistics back; `raise` ends the run, so no copy per step
+    bn_backup = [t.clone() for t in state.bn_buffers] if control is not None and control.policy == "skip" else []
     _sync(acc.device)
     start = time.perf_counter()
     batches = iter(loader)

@@ -105,7 +105,7 @@ def reshard(old: list[dict], live: dict, stage: int, layout: dict, averaged_size
         {**g_old, "params": g_new["params"]} for g_old, g_new in zip(old_optim["param_groups"],
                                                                       live["optimizer"][optim_key]["param_groups"], strict=True)]}
 
-    resharded = {**old[0], "optimizer": zero, "model": old[0]["model"], "engine": old[0]["engine"]}
+    resharded = {**old[0], "optimizer": zero}  # buffers, counters, scheduler, BN sources: replicated, rank 0's
     if old[0].get("averager") is not None:
         tensors = [(s["layout"]["averaged"], [s["averager"]["tensors"][f"t{i}"] for i in range(len(s["averager"]["tensors"]))])
                    for s in old]

@@ -18,6 +18,7 @@ def main(argv: list[str]) -> int:
 
     import torch.distributed as dist
 
+    from framework.errors import print_errors
     from framework.faults import NonFiniteError
     from framework.train import Interrupted, train
 
@@ -29,7 +30,7 @@ def main(argv: list[str]) -> int:
         _shutdown(dist)
         return 143
     except NonFiniteError as err:
-        _error(str(err))
+        print_errors([str(err)])
         _shutdown(dist)
         return 1
     except RuntimeError as err:  # a peer died (noticed at once) or hung (noticed at the timeout)
@@ -38,20 +39,15 @@ def main(argv: list[str]) -> int:
         first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
         from framework.heartbeat import describe_silent_ranks
 
-        _error(f"rank {os.environ.get('RANK', '0')}: lost contact with another process during a collective: "
-               f"{describe_silent_ranks()} (a process that died, or hung past faults.collective_timeout_s = "
-               f"{recipe.faults.collective_timeout_s} s): {first}")
+        print_errors([f"rank {os.environ.get('RANK', '0')}: lost contact with another process during a collective: "
+                      f"{describe_silent_ranks()} (a process that died, or hung past faults.collective_timeout_s = "
+                      f"{recipe.faults.collective_timeout_s} s): {first}"])
         return 1
     if summary.get("output_dir"):  # main process only
         print("final: " + json.dumps({"online": summary["eval"]["online"], "throughput": summary["throughput"]}))
         print(f"run files: {summary['output_dir']}" + (f"  (wandb: {summary['wandb']['dir']})" if summary["wandb"]["dir"] else ""))
     _shutdown(dist)
     return 0
-
-
-def _error(message: str) -> None:
-    sys.stderr.write(f"error: {message}\n")  # one write: lines from several processes do not interleave
-    sys.stderr.flush()
 
 
 def _lost_peer(err: RuntimeError) -> bool:

@@ -19,13 +19,8 @@ pytestmark = pytest.mark.slow
 ARGS = REFERENCE_ARGS
 
 
-@pytest.fixture
-def uninterrupted(reference_run):
-    return reference_run
-
-
 @pytest.mark.parametrize("target", ["worker", "launcher"])
-def test_sigterm_at_a_random_step_then_resume_is_bit_identical(uninterrupted, tmp_path, target):
+def test_sigterm_at_a_random_step_then_resume_is_bit_identical(reference_run, tmp_path, target):
     out = tmp_path / "run"
     proc = start_launch(ARGS, out)
     workers = wait_workers(proc)
@@ -42,12 +37,12 @@ def test_sigterm_at_a_random_step_then_resume_is_bit_identical(uninterrupted, tm
     resumed = launch([*ARGS, f"output.dir={out}"], nproc=2, cwd=tmp_path)
     check_ok(resumed)
     assert f"resumed from {ckpts[0]}" in resumed.stdout
-    a, b = read_metrics(uninterrupted), read_metrics(out)
+    a, b = read_metrics(reference_run), read_metrics(out)
     assert [r["epoch"] for r in b] == [1, 2]  # no gaps, no duplicates
     for key in ("train/loss", "eval/online/top1", "eval/online/loss", "eval/averaged/recompute/top1"):
         assert [r.get(key) for r in a] == [r.get(key) for r in b], key  # bitwise: exact float equality
     for kind in ("online", "averaged"):
-        x, y = load_file(uninterrupted / f"model_{kind}.safetensors"), load_file(out / f"model_{kind}.safetensors")
+        x, y = load_file(reference_run / f"model_{kind}.safetensors"), load_file(out / f"model_{kind}.safetensors")
         assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x), kind  # weights and BN buffers
 
 
@@ -111,7 +106,7 @@ def test_divergence_is_refused_at_the_same_step_on_every_process(tmp_path):
             assert all(torch.isfinite(t).all() for t in tensors if t.is_floating_point())
 
 
-def test_sigkill_one_process_torchrun_restarts_and_resume_is_bit_identical(uninterrupted, tmp_path):
+def test_sigkill_one_process_torchrun_restarts_and_resume_is_bit_identical(reference_run, tmp_path):
     """SIGKILL gives no chance to checkpoint: torchrun (--max_restarts) restarts the group, which must
     really reconnect, and the run resumes from the newest complete periodic checkpoint."""
     out = tmp_path / "run"
@@ -128,11 +123,11 @@ def test_sigkill_one_process_torchrun_restarts_and_resume_is_bit_identical(unint
     stdout, stderr = proc.communicate(timeout=600)
     assert proc.returncode == 0, stderr[-3000:]
     assert "resumed from" in stdout
-    a, b = read_metrics(uninterrupted), read_metrics(out)
+    a, b = read_metrics(reference_run), read_metrics(out)
     assert [r["epoch"] for r in b] == [1, 2]
     assert [r["train/loss"] for r in a] == [r["train/loss"] for r in b]
     for kind in ("online", "averaged"):
-        x, y = load_file(uninterrupted / f"model_{kind}.safetensors"), load_file(out / f"model_{kind}.safetensors")
+        x, y = load_file(reference_run / f"model_{kind}.safetensors"), load_file(out / f"model_{kind}.safetensors")
         assert all(torch.equal(x[k], y[k]) for k in x), kind
 
 
