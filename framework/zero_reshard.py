@@ -96,7 +96,7 @@ def reshard(old: list[dict], live: dict, stage: int, layout: dict, averaged_size
     for k, entry in old_optim["state"].items():
         state[k] = {}
         for key, value in entry.items():
-            if torch.is_tensor(value) and value.dim() == 1 and value.numel() > 1:  # partition-shaped
+            if torch.is_tensor(value) and value.dim() == 1:  # partition-shaped (a flat partition's state); steps are 0-dim
                 pieces = [(s["layout"]["master"], _by_partition(s, optim_key, key, s["layout"]["optim_order"])) for s in old]
                 state[k][key] = cut(assemble(pieces), layout["master"], layout["master_sizes"])[new_order[k]]
             else:

@@ -137,7 +137,7 @@ def test_zero_partitions_are_re_cut_for_another_world_size():
             "layout": lay, "model": {}, "engine": {"global_steps": 9},
             "optimizer": {"fp32_flat_groups": _partition(weights, lay, "master", lay["master_sizes"]),
                           "optimizer_state_dict": {"state": {0: {"momentum_buffer": _partition(momentum, lay, "master", lay["master_sizes"])[0],
-                                                                 "step": 9}},
+                                                                 "step": torch.tensor(9.0)}},  # Adam's 0-dim step
                                                    "param_groups": [{"params": [0], "lr": 0.05}]},
                           "loss_scaler": {"cur_scale": 1.0}},
             "averager": {"n": 4, "tensors": {f"t{j}": t for j, t in enumerate(
