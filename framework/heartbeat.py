@@ -10,6 +10,7 @@ the launcher's agent and outlives any worker.
 
 from __future__ import annotations
 
+import atexit
 import threading
 import time
 from datetime import timedelta
@@ -26,6 +27,7 @@ class Heartbeat:
         self.store = dist.TCPStore(host, port, is_master=False, timeout=timedelta(seconds=10))
         self.beats = 0
         self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
 
     def _key(self, rank: int) -> str:
         return f"{self.prefix}/heartbeat/{rank}"
@@ -41,9 +43,17 @@ class Heartbeat:
     def start(self) -> Heartbeat:
         global _active
         self.store.set(self._key(self.rank), "0")
-        threading.Thread(target=self._run, name="heartbeat", daemon=True).start()
+        self._thread.start()
+        # A daemon thread still inside a store call when the interpreter finalizes is killed by
+        # forced unwinding through C++, which aborts the process ("terminate called without an
+        # active exception") after a successful run. Stop it first.
+        atexit.register(self.stop)
         _active = self
         return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=15)  # longer than one store call can block (10 s timeout)
 
     def _read(self) -> dict[int, int]:
         others = [r for r in range(self.world_size) if r != self.rank]
