@@ -13,6 +13,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from framework import zero_reshard
@@ -35,13 +37,24 @@ class ReplicatedState:
         self.module, self.optimizer, self.engine = module, optimizer, engine
 
     def state_dict(self) -> dict:
-        counters = {k: getattr(self.engine, k) for k in ENGINE_COUNTERS} if self.engine is not None else {}
-        return {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(), "engine": counters}
+        return {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(), "engine": self._counters()}
 
     def load_state_dict(self, saved: dict) -> None:
         self.module.load_state_dict(saved["model"])
         self.optimizer.load_state_dict(saved["optimizer"])
-        for key, value in saved["engine"].items():
+        self._set_counters(saved["engine"])
+
+    def save_engine_checkpoint(self, folder: Path) -> None:
+        """DeepSpeed's own checkpoint (collective), for its tools (zero_to_fp32.py); resume never
+        reads it (it pickles). Nothing without an engine."""
+        if self.engine is not None:
+            self.engine.save_checkpoint(str(folder), tag="engine", save_latest=False)
+
+    def _counters(self) -> dict:
+        return {k: getattr(self.engine, k) for k in ENGINE_COUNTERS} if self.engine is not None else {}
+
+    def _set_counters(self, counters: dict) -> None:
+        for key, value in counters.items():
             setattr(self.engine, key, value)
 
 
@@ -70,8 +83,8 @@ class ZeroState(ReplicatedState):
         # used only by DeepSpeed's universal checkpoints, and the loss scaler object).
         zero = {k: v for k, v in full.items() if _plain(v)}
         zero["loss_scaler"] = {k: v for k, v in vars(self.optimizer.loss_scaler).items() if _plain(v)}
-        counters = {k: getattr(self.engine, k) for k in ENGINE_COUNTERS}
-        return {"model": dict(self.module.named_buffers()), "optimizer": zero, "engine": counters, "layout": self.layout()}
+        return {"model": dict(self.module.named_buffers()), "optimizer": zero, "engine": self._counters(),
+                "layout": self.layout()}
 
     def load_state_dict(self, saved: dict) -> None:
         with torch.no_grad():
@@ -88,8 +101,7 @@ class ZeroState(ReplicatedState):
         self.optimizer.load_state_dict(per_rank, load_optimizer_states=True, load_from_fp32_weights=True)
         if self.stage in (1, 2):
             self.optimizer.update_lp_params()  # ZeRO-3's load already copies fp32 into the parameter partitions
-        for key, value in saved["engine"].items():
-            setattr(self.engine, key, value)
+        self._set_counters(saved["engine"])
 
 
 def create_engine_state(accelerator, model, optimizer) -> ReplicatedState:
@@ -102,8 +114,3 @@ def create_engine_state(accelerator, model, optimizer) -> ReplicatedState:
         return ReplicatedState(module, model.optimizer, model)
     return ZeroState(module, model, stage)
 
-
-def save_engine_checkpoint(model, folder) -> None:
-    """DeepSpeed's own checkpoint, for its tools (zero_to_fp32.py); resume never reads it (pickles)."""
-    if hasattr(model, "save_checkpoint"):
-        model.save_checkpoint(str(folder), tag="engine", save_latest=False)

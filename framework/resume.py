@@ -71,12 +71,13 @@ def resume_run(recipe, out, state, engine_state, sources: dict, accelerator) -> 
     if choice[0].startswith("error: "):
         raise SystemExit(choice[0])
     path = Path(choice[0])
-    same = checkpoint_world_size(path) == world
+    old_world = checkpoint_world_size(path)
+    same = old_world == world
     if same or not engine_state.partitioned:
         saved = load_rank_state(path, accelerator.process_index)  # rank 0's when there were fewer processes
     else:  # ZeRO partitions: re-cut from every old process's
         sizes = [t.numel() for t in state.averager.avg.tensors()] if state.averager is not None else []
-        saved = engine_state.reshard([load_rank_state(path, r) for r in range(checkpoint_world_size(path))], sizes)
+        saved = engine_state.reshard([load_rank_state(path, r) for r in range(old_world)], sizes)
     pos = saved["position"]
     restore(saved, state, engine_state, sources, same)
     if accelerator.is_main_process:

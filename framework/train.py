@@ -16,7 +16,7 @@ from framework.bn.sources import BN_SOURCES
 from framework.builders import create_accelerator, create_model, create_optimizer, create_scheduler
 from framework.checkpoint import save_checkpoint
 from framework.data import create_datasets, create_loaders
-from framework.engine_state import create_engine_state, save_engine_checkpoint
+from framework.engine_state import create_engine_state
 from framework.evaluation import AveragedEval, evaluate, harmonized_bn
 from framework.export import detached_state_dict, save_state_dict
 from framework.faults import StepControl
@@ -192,7 +192,7 @@ def train(recipe: Recipe) -> dict:
         path = save_checkpoint(out / "checkpoints", epoch * steps_per_epoch + in_epoch,
                                capture(state, engine_state, sources, position, stats, records), accelerator.process_index,
                                accelerator.num_processes, ckpt.keep, {"epoch": epoch, "step_in_epoch": in_epoch},
-                               write_extra=lambda folder: save_engine_checkpoint(model, folder / "deepspeed"))
+                               write_extra=lambda folder: engine_state.save_engine_checkpoint(folder / "deepspeed"))
         if logger is not None:
             print(f"checkpoint: {path}", flush=True)
 
