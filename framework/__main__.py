@@ -1,11 +1,12 @@
-"""`python -m framework validate RECIPE [overrides]`: print the resolved recipe or its errors.
+"""`bnswa train RECIPE [overrides] [--num-processes N]` (or `python -m framework train ...`): check, then launch.
+`python -m framework validate RECIPE [overrides]`: print the resolved recipe or its errors.
 `python -m framework compare RUN_DIR... [--out DIR] [--wandb MODE]`: compare finished runs."""
 
 from __future__ import annotations
 
 import sys
 
-COMMANDS = ("validate", "compare")
+COMMANDS = ("train", "validate", "compare")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -14,6 +15,10 @@ def main(argv: list[str] | None = None) -> int:
         got = argv[0] if argv else "nothing"
         print(f"error: command {got!r}: choices are {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
+    if argv[0] == "train":
+        from framework.launcher import train_main
+
+        return train_main(argv[1:])
     if argv[0] == "compare":
         from framework.compare import main as compare_main
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from framework.heartbeat import Heartbeat
-from framework.schema import BackendConfig, ModelConfig, OptimizerConfig, ScheduleConfig
+from framework.schema import BackendConfig, OptimizerConfig, ScheduleConfig
 
 _PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 
@@ -108,14 +108,19 @@ def create_accelerator(cfg: BackendConfig, micro_batch_size: int, clip_grad: flo
     return accelerator, precision
 
 
-def create_model(cfg: ModelConfig):
-    import timm
+def optimizer_refusal(name: str, cuda: bool) -> str | None:
+    """Why a timm optimizer cannot run in this loop or on this machine, or None."""
+    import importlib.util
 
-    kwargs = dict(num_classes=cfg.num_classes, in_chans=cfg.in_chans, drop_rate=cfg.drop_rate, drop_path_rate=cfg.drop_path_rate)
-    if cfg.pretrained_file:
-        # Only a local file: the classifier is dropped by timm when num_classes differs.
-        return timm.create_model(cfg.name, pretrained=True, pretrained_cfg_overlay=dict(file=cfg.pretrained_file), **kwargs)
-    return timm.create_model(cfg.name, pretrained=False, **kwargs)
+    name = name.lower()
+    if name == "adahessian":
+        return "second-order: it needs backward(create_graph=True), which this loop does not do (nor DeepSpeed)"
+    for prefix, package, what in (("bnb", "bitsandbytes", "bitsandbytes"), ("fused", "apex", "NVIDIA apex")):
+        if name.startswith(prefix) and (not cuda or importlib.util.find_spec(package) is None):
+            return f"needs {what} installed and a GPU"
+    if name.startswith("kron"):
+        return "timm's PSGD-Kron tried to allocate about 11 GB for timm's test_resnet here; not supported"
+    return None
 
 
 def create_optimizer(cfg: OptimizerConfig, model):
@@ -126,12 +131,16 @@ def create_optimizer(cfg: OptimizerConfig, model):
 
 
 def create_scheduler(cfg: ScheduleConfig, optimizer, updates_per_epoch: int):
-    """A timm scheduler stepped per update (`step_update`) and per epoch (`step`)."""
+    """A timm scheduler stepped per update (`step_update`) and per epoch (`step(epoch, metric)`).
+    Plateau decides on a per-epoch metric, so it alone steps per epoch (timm asserts so)."""
     from timm.scheduler import create_scheduler_v2
 
+    plateau = cfg.name == "plateau"
     scheduler, _ = create_scheduler_v2(
         optimizer, sched=cfg.name, num_epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs, warmup_lr=cfg.warmup_lr,
-        min_lr=cfg.min_lr, decay_epochs=cfg.decay_epochs, decay_rate=cfg.decay_rate,
-        step_on_epochs=False, updates_per_epoch=updates_per_epoch,
+        min_lr=cfg.min_lr, decay_epochs=cfg.decay_epochs, decay_milestones=cfg.decay_milestones or (),
+        decay_rate=cfg.decay_rate, patience_epochs=cfg.patience_epochs,
+        plateau_mode="max" if cfg.plateau_metric.endswith("top1") else "min",
+        step_on_epochs=plateau, updates_per_epoch=updates_per_epoch,
     )
     return scheduler

@@ -8,6 +8,7 @@ under ZeRO-3, must not hang); the padding a sampler adds carries target -1 and i
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -98,31 +99,64 @@ class Loaders:
     num_val_images: int
 
 
-def _resolve_norm(cfg: DataConfig, model) -> tuple[tuple, tuple]:
-    pretrained = getattr(model, "pretrained_cfg", {}) or {}
-    mean = tuple(cfg.mean or pretrained.get("mean", (0.485, 0.456, 0.406)))
-    std = tuple(cfg.std or pretrained.get("std", (0.229, 0.224, 0.225)))
-    return mean, std
+@dataclass(frozen=True)
+class Pipeline:
+    mean: tuple
+    std: tuple
+    interpolation: str
+    crop_pct: float
 
 
-def create_datasets(cfg: DataConfig, model, num_classes: int, in_chans: int, seed: int):
+def resolve_pipeline(cfg: DataConfig, model, pretrained: bool) -> Pipeline:
+    """Normalisation from the recipe, else the model's pretrained config. Interpolation and eval crop
+    from the recipe, else the pretrained config when the weights are pretrained; a model trained from
+    scratch here has no evaluation protocol of its own, so it sees the whole image, bilinear."""
+    pcfg = getattr(model, "pretrained_cfg", {}) or {}
+    return Pipeline(
+        mean=tuple(cfg.mean or pcfg.get("mean", (0.485, 0.456, 0.406))),
+        std=tuple(cfg.std or pcfg.get("std", (0.229, 0.224, 0.225))),
+        interpolation=cfg.interpolation or (pcfg.get("interpolation", "bilinear") if pretrained else "bilinear"),
+        crop_pct=cfg.crop_pct or (pcfg.get("crop_pct", 1.0) if pretrained else 1.0),
+    )
+
+
+def _natural_key(name: str) -> list:
+    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", name)]
+
+
+def split_classes(root: Path, split: str) -> list[str]:
+    folder = root / split
+    return sorted((p.name for p in folder.iterdir() if p.is_dir()), key=_natural_key) if folder.is_dir() else []
+
+
+def folder_class_map(root: Path, train_split: str, class_map: str | None) -> dict[str, int]:
+    """One class numbering for every split: the `class_map` file's lines, else the training split's folders."""
+    names = ([line.strip() for line in Path(class_map).read_text().splitlines() if line.strip()] if class_map
+             else split_classes(root, train_split))
+    return {name: i for i, name in enumerate(names)}
+
+
+def create_datasets(cfg: DataConfig, model, num_classes: int, in_chans: int, seed: int, pretrained: bool = False):
     if cfg.source == "synthetic":
         make = lambda n, s: SyntheticDataset(n, cfg.image_size, num_classes, in_chans, s)  # noqa: E731
         return make(cfg.synthetic_train_size, seed), make(cfg.synthetic_val_size, seed + 1)
     from timm.data import create_dataset, create_transform
 
     root = ensure_digits_folder(Path(cfg.root) if cfg.root else None) if cfg.source == "digits" else Path(cfg.root)
-    mean, std = _resolve_norm(cfg, model)
+    p = resolve_pipeline(cfg, model, pretrained)
     aug = cfg.augment
     train_tf = create_transform(
-        cfg.image_size, is_training=True, scale=tuple(aug.scale), ratio=tuple(aug.ratio),
-        hflip=aug.hflip, color_jitter=aug.color_jitter, mean=mean, std=std,
+        cfg.image_size, is_training=True, scale=tuple(aug.scale), ratio=tuple(aug.ratio), hflip=aug.hflip,
+        color_jitter=aug.color_jitter, interpolation=p.interpolation, mean=p.mean, std=p.std,
     )
-    # crop_pct=1: evaluate on the whole (tiny) image rather than a center crop
-    eval_tf = create_transform(cfg.image_size, is_training=False, crop_pct=1.0, mean=mean, std=std)
+    eval_tf = create_transform(cfg.image_size, is_training=False, crop_pct=p.crop_pct, interpolation=p.interpolation,
+                               mean=p.mean, std=p.std)
     mode = "L" if in_chans == 1 else "RGB"
-    train = create_dataset("", root=str(root), split=cfg.train_split, is_training=True, input_img_mode=mode, transform=train_tf)
-    val = create_dataset("", root=str(root), split=cfg.val_split, input_img_mode=mode, transform=eval_tf)
+    # timm numbers each split's folders on its own: a split missing a class would shift later labels
+    classes = folder_class_map(root, cfg.train_split, cfg.class_map)
+    train = create_dataset("", root=str(root), split=cfg.train_split, is_training=True, input_img_mode=mode,
+                           transform=train_tf, class_map=classes)
+    val = create_dataset("", root=str(root), split=cfg.val_split, input_img_mode=mode, transform=eval_tf, class_map=classes)
     return train, val
 
 

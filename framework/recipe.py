@@ -12,7 +12,7 @@ from pathlib import Path
 
 from framework.errors import RecipeError, show
 from framework.paths import check_output_dir, check_run_name
-from framework.schema import Recipe, convert_section, field_paths, suggest, to_dict
+from framework.schema import Recipe, convert_section, field_paths, open_mappings, suggest, to_dict
 from framework.yaml_io import load_yaml_file, parse_scalar
 
 SCHEDULERS = ("cosine", "tanh", "step", "multistep", "plateau", "poly")
@@ -57,7 +57,7 @@ def load_raw(path: Path, _chain: tuple[Path, ...] = ()) -> dict:
 
 def apply_override(data: dict, key: str, value) -> None:
     valid = field_paths(Recipe)
-    if key not in valid:
+    if key not in valid and not any(key.startswith(m + ".") for m in open_mappings(Recipe)):
         raise RecipeError(f"override {show(key)}: unknown key{suggest(key, valid)}")
     node = data
     parts = key.split(".")
@@ -75,6 +75,10 @@ def _check_semantics(r: Recipe, errors: list[str]) -> None:
     check_run_name(r.name, errors)
     import timm  # slow import: only once the schema has passed
     import timm.optim
+    import torch
+
+    from framework.builders import optimizer_refusal
+    from framework.models import check_model
 
     if not timm.is_model(r.model.name):
         errors.append(f"model.name = {r.model.name!r}: not a timm model{suggest(r.model.name, timm.list_models())}")
@@ -82,10 +86,15 @@ def _check_semantics(r: Recipe, errors: list[str]) -> None:
         errors.append(f"model.pretrained_file = {r.model.pretrained_file!r}: file not found (weights are never downloaded)")
     if r.optimizer.name.lower() not in timm.optim.list_optimizers():
         errors.append(f"optimizer.name = {r.optimizer.name!r}: not a timm optimizer{suggest(r.optimizer.name, timm.optim.list_optimizers())}")
-    if r.schedule.name not in SCHEDULERS:
-        errors.append(f"schedule.name = {r.schedule.name!r}: choices are {', '.join(SCHEDULERS)}")
-    if r.schedule.warmup_epochs >= r.schedule.epochs:
-        errors.append(f"schedule.warmup_epochs = {r.schedule.warmup_epochs}: must be < schedule.epochs ({r.schedule.epochs})")
+    elif (why := optimizer_refusal(r.optimizer.name, torch.cuda.is_available())) is not None:
+        errors.append(f"optimizer.name = {r.optimizer.name!r}: not supported: {why}")
+    _check_schedule(r.schedule, errors)
+    a = r.averaging
+    if a.strategy != "none" and a.start_epoch is not None and a.start_epoch >= r.schedule.epochs:
+        errors.append(f"averaging.start_epoch = {a.start_epoch}: averaging would never start; must be < schedule.epochs "
+                      f"({r.schedule.epochs})")
+    if r.model.pretrained_file is None or Path(r.model.pretrained_file).is_file():
+        check_model(r.model, r.data.image_size, errors)
     b = r.backend
     if b.type == "ddp":
         for key, value in (("zero_stage", b.zero_stage), ("offload_optimizer", b.offload_optimizer), ("offload_params", b.offload_params)):
@@ -109,9 +118,15 @@ def _check_semantics(r: Recipe, errors: list[str]) -> None:
         if d.root is None:
             errors.append("data.root = None: source 'folder' needs an image folder with train and val splits")
         else:
+            missing = False
             for split in (d.train_split, d.val_split):
                 if not (Path(d.root) / split).is_dir():
+                    missing = True
                     errors.append(f"data.root = {d.root!r}: folder {Path(d.root) / split} not found (data.{'train' if split == d.train_split else 'val'}_split = {split!r})")
+            if not missing:
+                _check_classes(r, errors)
+    elif d.class_map is not None:
+        errors.append(f"data.class_map = {d.class_map!r}: only with data.source = 'folder' (got {d.source!r})")
     for key, pair in (("scale", d.augment.scale), ("ratio", d.augment.ratio)):
         if len(pair) != 2 or not 0 < pair[0] <= pair[1]:
             errors.append(f"data.augment.{key} = {pair!r}: expected [low, high] with 0 < low <= high")
@@ -119,6 +134,42 @@ def _check_semantics(r: Recipe, errors: list[str]) -> None:
         value = getattr(d, key)
         if value is not None and len(value) != r.model.in_chans:
             errors.append(f"data.{key} = {value!r}: expected {r.model.in_chans} values (model.in_chans)")
+
+
+def _check_schedule(s, errors: list[str]) -> None:
+    if s.name not in SCHEDULERS:
+        errors.append(f"schedule.name = {s.name!r}: choices are {', '.join(SCHEDULERS)}")
+    if s.warmup_epochs >= s.epochs:
+        errors.append(f"schedule.warmup_epochs = {s.warmup_epochs}: must be < schedule.epochs ({s.epochs})")
+    m = s.decay_milestones
+    if s.name == "multistep" and not m:
+        errors.append(f"schedule.decay_milestones = {m!r}: schedule.name = 'multistep' needs the epochs to decay at "
+                      f"(e.g. [{s.epochs // 2}, {3 * s.epochs // 4}])")
+    elif m is not None and s.name != "multistep":
+        errors.append(f"schedule.decay_milestones = {m!r}: only with schedule.name = 'multistep' (got {s.name!r}; "
+                      "step decays every schedule.decay_epochs)")
+    elif m and (m != sorted(set(m)) or m[0] < 1 or m[-1] >= s.epochs):
+        errors.append(f"schedule.decay_milestones = {m!r}: expected increasing epochs between 1 and schedule.epochs - 1 "
+                      f"({s.epochs - 1})")
+
+
+def _check_classes(r: Recipe, errors: list[str]) -> None:
+    """One class numbering for both splits (framework.data.folder_class_map): refuse what would shift labels."""
+    from framework.data import folder_class_map, split_classes
+
+    d, root = r.data, Path(r.data.root)
+    if d.class_map is not None and not Path(d.class_map).is_file():
+        errors.append(f"data.class_map = {d.class_map!r}: file not found (one class folder name per line)")
+        return
+    classes = folder_class_map(root, d.train_split, d.class_map)
+    for key, split in (("train_split", d.train_split), ("val_split", d.val_split)):
+        unknown = [c for c in split_classes(root, split) if c not in classes]
+        if unknown:
+            where = f"data.class_map ({d.class_map})" if d.class_map else f"the training split ({root / d.train_split})"
+            errors.append(f"data.{key} = {split!r}: classes {', '.join(unknown)} are not in {where}; every class must be "
+                          "in the class map, whose numbering both splits share")
+    if len(classes) > r.model.num_classes:
+        errors.append(f"model.num_classes = {r.model.num_classes}: the data has {len(classes)} classes")
 
 
 def resolve_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:

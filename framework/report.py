@@ -101,12 +101,16 @@ def format_record(r: dict) -> str:
     return line + ("".join(f"\n    averaged[{name}] top1 {v:6.2f}" for name, v in averaged) if averaged else "")
 
 
-def format_table(online: dict, averaged: dict) -> str:
-    """The end-of-run comparison: the live model and the averaged weights under each BN source."""
-    rows = [("online (live model)", online)] + [(f"averaged + {name}", r) for name, r in averaged.items()]
+def format_table(online: dict, averaged: dict, why: str = "") -> str:
+    """The end-of-run comparison: the live model and the averaged weights under each BN source
+    (one row when the model keeps no BN statistics), then why these sources apply."""
+    from framework.bn.sources import NO_STATS
+
+    label = lambda name: "averaged (no BN statistics)" if name == NO_STATS else f"averaged + {name}"  # noqa: E731
+    rows = [("online (live model)", online)] + [(label(name), r) for name, r in averaged.items()]
     lines = [f"{'model / BN statistics':28s} {'top1':>7s} {'top5':>7s} {'loss':>8s}"]
     lines += [f"{label:28s} {r['top1']:7.2f} {r['top5']:7.2f} {r['loss']:8.4f}" for label, r in rows]
-    return "\n".join(lines)
+    return "\n".join(lines + ([f"BN statistics: {why}"] if why else []))
 
 
 def gather_digests(tensors: list[torch.Tensor]) -> list[str]:

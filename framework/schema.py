@@ -29,7 +29,11 @@ class ModelConfig:
     in_chans: int = spec(3, ge=1)
     drop_rate: float = spec(0.0, ge=0.0, le=1.0)
     drop_path_rate: float = spec(0.0, ge=0.0, le=1.0)
-    pretrained_file: str | None = spec(None, doc="local weights file; nothing is downloaded")
+    pretrained: bool = spec(False, doc="timm's weights for the model, from the local Hugging Face cache only")
+    pretrained_file: str | None = spec(None, doc="local weights file; tensors whose shape fits are kept")
+    kwargs: dict[str, Any] = spec(factory=dict, doc="further keywords of timm.create_model (drop_block_rate, ...)")
+    bn_momentum: float | None = spec(None, gt=0.0, le=1.0, doc="sets every BN layer's momentum")
+    bn_eps: float | None = spec(None, gt=0.0, doc="sets every BN layer's eps")
 
 
 @dataclass(kw_only=True)
@@ -52,8 +56,12 @@ class DataConfig:
     workers: int = spec(0, ge=0)
     synthetic_train_size: int = spec(2048, ge=1)
     synthetic_val_size: int = spec(512, ge=1)
+    class_map: str | None = spec(None, doc="folder: file of class names, one per line (default: the training split's folders)")
     mean: list[float] | None = spec(None, doc="defaults to the model's pretrained config")
     std: list[float] | None = spec(None)
+    interpolation: Literal["bilinear", "bicubic", "nearest"] | None = spec(
+        None, doc="resize interpolation; with pretrained weights defaults to their config, else bilinear")
+    crop_pct: float | None = spec(None, gt=0.0, le=1.0, doc="eval center crop; with pretrained weights defaults to their config, else 1")
     augment: AugmentConfig = spec(factory=AugmentConfig)
 
 
@@ -73,8 +81,12 @@ class ScheduleConfig:
     warmup_epochs: int = spec(0, ge=0)
     warmup_lr: float = spec(1.0e-5, ge=0.0)
     min_lr: float = spec(0.0, ge=0.0)
-    decay_epochs: float = spec(30.0, gt=0.0, doc="step schedulers")
-    decay_rate: float = spec(0.1, gt=0.0)
+    decay_epochs: float = spec(30.0, gt=0.0, doc="step: decay every this many epochs")
+    decay_milestones: list[int] | None = spec(None, doc="multistep: epochs at which to decay (required there)")
+    decay_rate: float = spec(0.1, gt=0.0, doc="step, multistep, plateau: factor per decay")
+    plateau_metric: Literal["eval/online/top1", "eval/online/loss", "train/loss"] = spec(
+        "eval/online/top1", doc="plateau: the per-epoch metric it watches (top1 up, losses down)")
+    patience_epochs: int = spec(10, ge=0, doc="plateau: epochs without improvement before a decay")
 
 
 def _averaging_config():
@@ -170,6 +182,8 @@ def _type_name(tp) -> str:
         return " or ".join(_type_name(a) for a in typing.get_args(tp))
     if origin is list:
         return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return "a mapping"
     if dataclasses.is_dataclass(tp):
         return "a mapping"
     return {int: "an integer", float: "a number", str: "a string", bool: "true or false", type(None): "null"}[tp]
@@ -197,6 +211,10 @@ def _convert(value: Any, tp, key: str, errors: list[str]) -> Any:
         allowed = typing.get_args(tp)
         if value not in allowed or isinstance(value, bool):
             errors.append(f"{key} = {value!r}: choices are {', '.join(repr(a) for a in allowed)}")
+        return value
+    if origin is dict:
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            errors.append(f"{key} = {value!r}: expected a mapping of names to values")
         return value
     if origin is list:
         if not isinstance(value, list):
@@ -268,4 +286,16 @@ def field_paths(cls, prefix: str = "") -> list[str]:
         out.append(prefix + f.name)
         if dataclasses.is_dataclass(hints[f.name]):
             out.extend(field_paths(hints[f.name], prefix + f.name + "."))
+    return out
+
+
+def open_mappings(cls, prefix: str = "") -> list[str]:
+    """Dotted keys of free-form mappings (`model.kwargs`): any key below them may be overridden."""
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        if typing.get_origin(hints[f.name]) is dict:
+            out.append(prefix + f.name)
+        elif dataclasses.is_dataclass(hints[f.name]):
+            out.extend(open_mappings(hints[f.name], prefix + f.name + "."))
     return out

@@ -12,14 +12,15 @@ import torch.nn.functional as F
 from framework.averaging import WeightAverager, create_rule
 from framework.averaging.views import create_view
 from framework.bn import BN_MODES, bn_buffers, swapped
-from framework.bn.sources import BN_SOURCES
-from framework.builders import create_accelerator, create_model, create_optimizer, create_scheduler
+from framework.bn.sources import create_sources
+from framework.builders import create_accelerator, create_optimizer, create_scheduler
 from framework.checkpoint import save_checkpoint
 from framework.data import create_datasets, create_loaders
 from framework.engine_state import create_engine_state
 from framework.evaluation import AveragedEval, evaluate, harmonized_bn
 from framework.export import detached_state_dict, save_state_dict
 from framework.faults import StepControl
+from framework.models import create_model
 from framework.recipe import recipe_to_dict
 from framework.report import (
     build_summary,
@@ -127,18 +128,18 @@ def train_one_epoch(state: TrainState, loader, max_steps: int | None = None, pro
 
 
 def create_averaging(recipe: Recipe, module, view, steps_per_epoch: int):
-    """The weight averager over the view's tensors, and the BN-statistics sources listening to it."""
+    """The weight averager over the view's tensors, the BN-statistics sources listening to it, the
+    source the export uses, and what the run reports about the model's normalisation."""
     cfg = recipe.averaging
     if cfg.strategy == "none":
-        return None, {}
+        return None, {}, None, {}
     total = recipe.schedule.epochs * steps_per_epoch
     start = cfg.start_epoch * steps_per_epoch if cfg.start_epoch is not None else int(cfg.start * total)
     averager = WeightAverager(create_rule(cfg.strategy, getattr(cfg, cfg.strategy)), view.sources,
                               start_step=max(start, 1), every_steps=cfg.every_steps, offload=cfg.offload)
-    live_bn = bn_buffers(module)
-    sources = {name: cls(live_bn) for name, cls in BN_SOURCES.items()}
+    sources, export, bn_report = create_sources(module, bn_buffers(module), recipe.bn.export_stats)
     averager.listeners = [s.on_update for s in sources.values()]
-    return averager, sources
+    return averager, sources, export, bn_report
 
 
 def train(recipe: Recipe) -> dict:
@@ -153,8 +154,12 @@ def train(recipe: Recipe) -> dict:
     device, cuda = accelerator.device, accelerator.device.type == "cuda"
     set_seed(recipe.seed)  # same seed on every rank: identical initial weights
     bn_mode = BN_MODES[recipe.bn.mode]()
-    model = bn_mode.convert(create_model(recipe.model), cuda)
-    train_ds, val_ds = create_datasets(recipe.data, model, recipe.model.num_classes, recipe.model.in_chans, recipe.seed)
+    model, weight_notes = create_model(recipe.model, recipe.data.image_size)
+    if weight_notes and accelerator.is_main_process:
+        print("\n".join(weight_notes), flush=True)
+    model = bn_mode.convert(model, cuda)
+    train_ds, val_ds = create_datasets(recipe.data, model, recipe.model.num_classes, recipe.model.in_chans, recipe.seed,
+                                       pretrained=recipe.model.pretrained or recipe.model.pretrained_file is not None)
     loaders = create_loaders(recipe.data, train_ds, val_ds, accelerator.process_index, accelerator.num_processes,
                              recipe.seed, pin_memory=cuda)
     if len(loaders.train) == 0:
@@ -166,7 +171,7 @@ def train(recipe: Recipe) -> dict:
     dtype = next(module.parameters()).dtype
     scheduler = create_scheduler(recipe.schedule, optimizer, len(loaders.train))
     view = create_view(accelerator, model)
-    averager, sources = create_averaging(recipe, module, view, len(loaders.train))
+    averager, sources, export_source, bn_report = create_averaging(recipe, module, view, len(loaders.train))
     live_bn = bn_buffers(module)
     state = TrainState(model, optimizer, scheduler, accelerator, recipe.optimizer.clip_grad, dtype, averager,
                        len(loaders.train), live_bn)
@@ -227,11 +232,11 @@ def train(recipe: Recipe) -> dict:
                 logger.interrupt()
             raise Interrupted(f"stopped by a signal after {stats['steps']} steps of epoch {epoch + 1}; resume with resume=auto")
         lr = optimizer.param_groups[0]["lr"]
-        scheduler.step(epoch + 1)
-        state.adjust_lr()
         ev, averaged, bn_stats = evaluate_all()
         record = epoch_record(epoch + 1, stats, ev, averaged, lr, accelerator)
         records.append(record)
+        scheduler.step(epoch + 1, record[recipe.schedule.plateau_metric])  # the metric: only plateau reads it
+        state.adjust_lr()
         if logger is not None:
             logger.log(record)
             print(format_record(record), flush=True)
@@ -247,7 +252,7 @@ def train(recipe: Recipe) -> dict:
                      "recompute_s": sum(avg_eval.recompute_seconds) / max(len(avg_eval.recompute_seconds), 1),
                      "state_bytes_per_process": averager.avg.nbytes(),
                      "comm_bytes_per_update": averager.comm.bytes / max(averager.n, 1),
-                     "export_stats": recipe.bn.export_stats if averaged else None,
+                     "export_stats": export_source if averaged else None, "bn": bn_report,
                      "recompute_bn_sha256_per_rank": gather_digests(bn_stats.get("recompute", []))}
     summary = build_summary(records, ev, averaged, averaging, accelerator, recipe, precision, recipe_hashes)
     # Exports gather on every process (ZeRO-3 consolidates onto the main one), which alone writes.
@@ -256,7 +261,7 @@ def train(recipe: Recipe) -> dict:
     if logger is not None:
         save_state_dict(online_state, out / "model_online.safetensors")
     if averaged:
-        with view.swapped_in(averager.avg.tensors()), swapped(live_bn, bn_stats[recipe.bn.export_stats]):
+        with view.swapped_in(averager.avg.tensors()), swapped(live_bn, bn_stats[export_source]):
             averaged_state = detached_state_dict(accelerator, model)
         if logger is not None:
             save_state_dict(averaged_state, out / "model_averaged.safetensors")
@@ -264,7 +269,7 @@ def train(recipe: Recipe) -> dict:
         summary["output_dir"] = str(out.resolve())
         summary["wandb"] = {"mode": logger.mode, "dir": logger.wandb_dir}
         if averaged:
-            print(format_table(ev, averaged), flush=True)
+            print(format_table(ev, averaged, bn_report["why"]), flush=True)
             logger.log_table("eval/comparison", ["model", "bn_stats", "top1", "top5", "loss", "seconds"],
                              [["online", "live", ev["top1"], ev["top5"], ev["loss"], ev["seconds"]]]
                              + [["averaged", n, r["top1"], r["top5"], r["loss"], r["seconds"]] for n, r in averaged.items()])

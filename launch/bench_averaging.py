@@ -83,7 +83,7 @@ def bench_recompute(device) -> None:
     import torch
 
     from framework.bn.recompute import recompute_bn_stats
-    from framework.builders import create_model, create_optimizer, create_scheduler
+    from framework.builders import create_optimizer, create_scheduler
     from framework.data import create_datasets, create_loaders
     from framework.recipe import resolve_recipe
     from framework.train import TrainState, train_one_epoch
@@ -99,7 +99,9 @@ def bench_recompute(device) -> None:
             loss.backward()
 
     recipe = resolve_recipe(os.path.join(os.path.dirname(__file__), "..", "recipes", "quickstart.yaml"))
-    model = create_model(recipe.model).to(device)
+    from framework.models import create_model
+
+    model = create_model(recipe.model, recipe.data.image_size)[0].to(device)
     train_ds, val_ds = create_datasets(recipe.data, model, 10, 3, 0)
     loaders = create_loaders(recipe.data, train_ds, val_ds, 0, 1, 0, pin_memory=False)
     opt = create_optimizer(recipe.optimizer, model)

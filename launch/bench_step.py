@@ -56,15 +56,16 @@ def main() -> int:
     from accelerate.utils import set_seed
 
     from framework.averaging.views import create_view
-    from framework.builders import create_accelerator, create_model, create_optimizer, create_scheduler
+    from framework.builders import create_accelerator, create_optimizer, create_scheduler
     from framework.data import create_datasets, create_loaders
     from framework.faults import StepControl
+    from framework.models import create_model
     from framework.train import TrainState, create_averaging, train_one_epoch
 
     accelerator, _ = create_accelerator(recipe.backend, recipe.data.batch_size, recipe.optimizer.clip_grad,
                                         recipe.faults.collective_timeout_s)
     set_seed(recipe.seed)
-    ours = create_model(recipe.model)
+    ours, _ = create_model(recipe.model, recipe.data.image_size)
     theirs = copy.deepcopy(ours)
     train_ds, val_ds = create_datasets(recipe.data, ours, recipe.model.num_classes, recipe.model.in_chans, recipe.seed)
     loaders = create_loaders(recipe.data, train_ds, val_ds, accelerator.process_index, accelerator.num_processes,
@@ -74,7 +75,7 @@ def main() -> int:
     ours, opt_ours, theirs, opt_theirs = accelerator.prepare(ours, opt_ours, theirs, opt_theirs)
     # the framework's step as training runs it: with the recipe's averaging and its BN sources listening
     view = create_view(accelerator, ours)
-    averager, _ = create_averaging(recipe, accelerator.unwrap_model(ours), view, len(loaders.train))
+    averager = create_averaging(recipe, accelerator.unwrap_model(ours), view, len(loaders.train))[0]
     state = TrainState(ours, opt_ours, create_scheduler(recipe.schedule, opt_ours, len(loaders.train)), accelerator,
                        recipe.optimizer.clip_grad, next(accelerator.unwrap_model(ours).parameters()).dtype, averager,
                        len(loaders.train))

@@ -38,11 +38,13 @@ def main() -> int:
 
     from framework.averaging import AVERAGERS, WeightAverager, create_rule
     from framework.averaging.views import create_view
-    from framework.builders import create_accelerator, create_model, create_optimizer
+    from framework.builders import create_accelerator, create_optimizer
     from framework.comm_meter import CommMeter
 
     accelerator, _ = create_accelerator(recipe.backend, recipe.data.batch_size, recipe.optimizer.clip_grad)
-    model = create_model(recipe.model)
+    from framework.models import create_model
+
+    model, _ = create_model(recipe.model, recipe.data.image_size)
     engine, _ = accelerator.prepare(model, create_optimizer(recipe.optimizer, model))
     module = accelerator.unwrap_model(engine)
     params = list(module.parameters())

@@ -28,6 +28,19 @@ def bn_buffers(model: torch.nn.Module) -> list[torch.Tensor]:
     return [t for m in bn_modules(model) for t in (m.running_mean, m.running_var)]
 
 
+NORM_TYPES = (torch.nn.LayerNorm, torch.nn.GroupNorm, torch.nn.modules.batchnorm._NormBase)
+
+
+def norm_layer_census(model: torch.nn.Module) -> dict:
+    """How the model normalises: BN layers with and without running statistics, and the other kinds by class name."""
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    with_stats = sum(m.track_running_stats for m in bns)
+    other = sorted({type(m).__name__ for m in model.modules()
+                    if not isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+                    and (isinstance(m, NORM_TYPES) or "Norm" in type(m).__name__ and not list(m.children()))})
+    return {"bn_with_stats": with_stats, "bn_without_stats": len(bns) - with_stats, "other": other}
+
+
 def clone_all(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     return [t.detach().clone() for t in tensors]
 

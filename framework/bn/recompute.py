@@ -63,6 +63,8 @@ def recompute_bn_stats(model: torch.nn.Module, batches, max_batches: int | None 
     for m in bns:
         c = m.num_features
         s, q, n = sums[m][:c], sums[m][c:-1], sums[m][-1]
+        if n < 2:  # the pass never reached this layer (a branch the forward skips): 0/0, keep what it had
+            continue
         mean = s / n
         var = (q / n - mean * mean).clamp_min(0) * n / (n - 1)  # float64 keeps the subtraction exact enough
         m.running_mean.copy_(mean)

@@ -105,3 +105,43 @@ class Recompute:
 
 
 BN_SOURCES = {"initial": Initial, "swa_start": SwaStart, "online": Online, "averaged": Averaged, "recompute": Recompute}
+
+
+class NoStats:
+    """A model without BN running statistics (LayerNorm, GroupNorm, EvoNorm, norm-free, or BN with
+    track_running_stats=False): its averaged weights need none, so they are evaluated once."""
+
+    def __init__(self, live: list[torch.Tensor]):
+        pass
+
+    def on_update(self, weight: float, n: int) -> None:
+        pass
+
+    def get(self, ctx) -> list[torch.Tensor]:
+        return []
+
+    def state_dict(self) -> dict:
+        return {"stats": None}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+NO_STATS = "none"  # the single evaluation's name where no source applies: eval/averaged/none/top1
+
+
+def create_sources(model: torch.nn.Module, live: list[torch.Tensor], export: str) -> tuple[dict, str, dict]:
+    """The sources that apply to `model`, the one its export uses, and what the run reports about them."""
+    from framework.bn import norm_layer_census
+
+    census = norm_layer_census(model)
+    if live:
+        why = (f"{census['bn_with_stats']} BatchNorm layers keep running statistics; each source gives them "
+               "to the averaged weights" + (f" (other normalisation, untouched: {', '.join(census['other'])})"
+                                            if census["other"] else ""))
+        return {name: cls(live) for name, cls in BN_SOURCES.items()}, export, {**census, "sources": list(BN_SOURCES), "why": why}
+    kinds = ", ".join(census["other"]) or "no normalisation layers"
+    why = (f"no BatchNorm layer keeps running statistics ({kinds}"
+           + (f"; {census['bn_without_stats']} BatchNorm layers use batch statistics" if census["bn_without_stats"] else "")
+           + "): the averaged weights need no BN statistics, so they are evaluated once and no recompute pass runs")
+    return {NO_STATS: NoStats(live)}, NO_STATS, {**census, "sources": [NO_STATS], "why": why}

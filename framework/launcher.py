@@ -1,0 +1,81 @@
+"""`bnswa train RECIPE [overrides] [--num-processes N]`: check the recipe here, then start the launch.
+
+The recipe is resolved in this process first, so bad input ends with our one-line errors and
+exit 2, before torch elastic exists to add its failure report. Then this process becomes
+`accelerate launch --config_file accelerate_config.yaml --num_processes N launch/train.py ...`
+(exec: signals reach the launcher directly). On CPU, torch elastic gives each worker one thread
+unless OMP_NUM_THREADS is set; here each of N processes gets cores / N.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+USAGE = "usage: bnswa train RECIPE.yaml [key=value | --key=value ...] [--num-processes N]"
+
+
+def _pop_option(argv: list[str], name: str) -> tuple[str | None, list[str]]:
+    """`--name N` or `--name=N` (launcher options, not recipe keys), removed from argv."""
+    rest, value, i = [], None, 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == name and i + 1 < len(argv):
+            value, i = argv[i + 1], i + 2
+            continue
+        if arg.startswith(name + "="):
+            value = arg.split("=", 1)[1]
+        else:
+            rest.append(arg)
+        i += 1
+    return value, rest
+
+
+def resolve_launch(num_processes: str | None, cuda_devices: int, cores: int, env: dict) -> tuple[int, dict]:
+    """Process count (the option, else one per GPU, else accelerate_config's) and the workers' environment."""
+    if num_processes is not None:
+        if not num_processes.isdigit() or int(num_processes) < 1:
+            raise ValueError(f"--num-processes = {num_processes!r}: expected a positive integer")
+        n = int(num_processes)
+    elif cuda_devices:
+        n = cuda_devices
+    else:
+        import yaml
+
+        n = int(yaml.safe_load((ROOT / "accelerate_config.yaml").read_text())["num_processes"])
+    env = dict(env)
+    if not cuda_devices and "OMP_NUM_THREADS" not in env:
+        env["OMP_NUM_THREADS"] = str(max(1, cores // n))
+    return n, env
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def train_main(argv: list[str]) -> int:
+    from framework.cli import USER_ERROR, load_or_exit
+    from framework.errors import print_errors
+
+    num_processes, argv = _pop_option(argv, "--num-processes")
+    if not argv:
+        print_errors([USAGE])
+        return USER_ERROR
+    load_or_exit(argv)  # one line per problem and exit 2; nothing written, nothing launched
+    import torch
+
+    try:
+        n, env = resolve_launch(num_processes, torch.cuda.device_count(), len(os.sched_getaffinity(0)), os.environ)
+    except ValueError as err:
+        print_errors([str(err)])
+        return USER_ERROR
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "accelerate_config.yaml"),
+           "--num_processes", str(n), "--main_process_port", str(_free_port()), str(ROOT / "launch" / "train.py"), *argv]
+    sys.stdout.flush()
+    os.execve(sys.executable, cmd, env)
+    return 0  # not reached
