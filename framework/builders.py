@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -136,11 +137,28 @@ def create_scheduler(cfg: ScheduleConfig, optimizer, updates_per_epoch: int):
     from timm.scheduler import create_scheduler_v2
 
     plateau = cfg.name == "plateau"
-    scheduler, _ = create_scheduler_v2(
-        optimizer, sched=cfg.name, num_epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs, warmup_lr=cfg.warmup_lr,
-        min_lr=cfg.min_lr, decay_epochs=cfg.decay_epochs, decay_milestones=cfg.decay_milestones or (),
-        decay_rate=cfg.decay_rate, patience_epochs=cfg.patience_epochs,
-        plateau_mode="max" if cfg.plateau_metric.endswith("top1") else "min",
-        step_on_epochs=plateau, updates_per_epoch=updates_per_epoch,
-    )
+    with warnings.catch_warnings():  # timm's plateau warns that its state is not checkpointed: ours is (below)
+        warnings.filterwarnings("ignore", message="PlateauLRScheduler is deprecated", category=FutureWarning)
+        scheduler, _ = create_scheduler_v2(
+            optimizer, sched=cfg.name, num_epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs, warmup_lr=cfg.warmup_lr,
+            min_lr=cfg.min_lr, decay_epochs=cfg.decay_epochs, decay_milestones=cfg.decay_milestones or (),
+            decay_rate=cfg.decay_rate, patience_epochs=cfg.patience_epochs,
+            plateau_mode="max" if cfg.plateau_metric.endswith("top1") else "min",
+            step_on_epochs=plateau, updates_per_epoch=updates_per_epoch,
+        )
     return scheduler
+
+
+def scheduler_state_dict(scheduler) -> dict:
+    """timm's state, plus the counters its plateau scheduler leaves out (bad epochs, cooldown), so resume is exact."""
+    state = scheduler.state_dict()
+    inner = getattr(scheduler, "lr_scheduler", None)  # timm's PlateauLRScheduler wraps torch's ReduceLROnPlateau
+    return {**state, "torch_plateau": inner.state_dict()} if inner is not None else state
+
+
+def load_scheduler_state_dict(scheduler, state: dict) -> None:
+    state = dict(state)
+    inner = state.pop("torch_plateau", None)
+    scheduler.load_state_dict(state)
+    if inner is not None:
+        scheduler.lr_scheduler.load_state_dict(inner)

@@ -64,6 +64,7 @@ def build_summary(records: list[dict], ev: dict, averaged: dict, averaging: dict
         "zero_stage": recipe.backend.zero_stage if recipe.backend.type == "deepspeed" else None,
         "device": accelerator.device.type,
         "precision": precision,
+        "threads_per_process": torch.get_num_threads(),
         "epochs": len(records),
         "recipe_sha256_per_rank": recipe_hashes,
         "throughput": {

@@ -12,6 +12,8 @@ import random
 import numpy as np
 import torch
 
+from framework.builders import load_scheduler_state_dict, scheduler_state_dict
+
 
 def capture(state, engine_state, sources: dict, position: dict, epoch_stats: dict | None, records: list[dict]) -> dict:
     rng = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
@@ -19,7 +21,7 @@ def capture(state, engine_state, sources: dict, position: dict, epoch_stats: dic
         rng["cuda"] = torch.cuda.get_rng_state_all()
     return {
         **engine_state.state_dict(),  # model, optimizer, engine counters
-        "scheduler": state.scheduler.state_dict(),
+        "scheduler": scheduler_state_dict(state.scheduler),
         "averager": state.averager.state_dict() if state.averager is not None else None,
         "sources": {name: s.state_dict() for name, s in sources.items()},
         "rng": rng,
@@ -31,7 +33,7 @@ def capture(state, engine_state, sources: dict, position: dict, epoch_stats: dic
 
 def restore(saved: dict, state, engine_state, sources: dict, same_world: bool) -> None:
     engine_state.load_state_dict(saved)
-    state.scheduler.load_state_dict(saved["scheduler"])
+    load_scheduler_state_dict(state.scheduler, saved["scheduler"])
     if state.averager is not None and saved["averager"] is not None:
         state.averager.load_state_dict(saved["averager"])
     for name, source in sources.items():

@@ -86,3 +86,29 @@ def digits_root():
     from framework.data import ensure_digits_folder
 
     return ensure_digits_folder()
+
+
+@pytest.fixture
+def train_in_process():
+    """`train(resolve_recipe(RECIPE, overrides))` in this process (world size 1, no launcher): for the
+    model matrix, where a 2-process launch per cell would cost minutes. Accelerate's process-wide state
+    and the SIGTERM handler the run installs are put back afterwards."""
+    import signal
+
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    from framework.recipe import resolve_recipe
+    from framework.train import train
+
+    handler = signal.getsignal(signal.SIGTERM)
+
+    def run(overrides: list[str], recipe: Path = ROOT / "recipes" / "quickstart.yaml") -> dict:
+        try:
+            return train(resolve_recipe(recipe, ["logging.wandb.mode=disabled", "resume=never", *overrides]))
+        finally:
+            signal.signal(signal.SIGTERM, handler)
+            AcceleratorState._reset_state(True)
+            GradientState._reset_state()
+            PartialState._reset_state()
+
+    return run

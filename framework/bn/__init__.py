@@ -55,8 +55,9 @@ def swapped(live: list[torch.Tensor], values: list[torch.Tensor]):
     try:
         yield
     finally:
-        with torch.no_grad():
-            torch._foreach_copy_(live, backup)
+        if live:  # a model without BN statistics swaps nothing (foreach ops refuse empty lists)
+            with torch.no_grad():
+                torch._foreach_copy_(live, backup)
 
 
 def _world() -> int:
