@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from framework.bn.sources import BN_SOURCES
+from framework.bn.sources import BN_SOURCES, NO_STATS
 from framework.tracking import flatten
 
 NOT_COMPARED = ("name", "seed", "output.", "logging.")  # bookkeeping, or what groups runs
@@ -63,7 +63,7 @@ def group_runs(runs: list[RunResult], keys: list[str]) -> dict[tuple, list[RunRe
 def _metrics(r: RunResult) -> dict[str, float | None]:
     s, t = r.summary, r.summary["throughput"]
     out = {"live top1": s["eval"]["online"]["top1"]}
-    for name in BN_SOURCES:  # the averaged weights under each source of BN statistics
+    for name in (*BN_SOURCES, NO_STATS):  # the averaged weights under each source of BN statistics (none: no BN)
         out[f"avg+{name} top1"] = s["eval"].get("averaged", {}).get(name, {}).get("top1")
     out.update({"images/s": t["train_images_per_s"], "avg update ms": t.get("averaging_update_ms"),
                 "recompute s": t.get("bn_recompute_s")})
@@ -83,7 +83,9 @@ def summarize(groups: dict[tuple, list[RunResult]]) -> tuple[list[str], list[dic
     for key, runs in groups.items():
         per_run = [_metrics(r) for r in runs]
         rows.append({"key": key, "runs": runs, "values": {m: [p[m] for p in per_run] for m in per_run[0]}})
-    return list(rows[0]["values"]) if rows else [], rows
+    names = list(rows[0]["values"]) if rows else []
+    # a column no run fills (avg+none without a BN-free model) is left out
+    return [m for m in names if any(v is not None for row in rows for v in row["values"][m])], rows
 
 
 def markdown_table(keys: list[str], metric_names: list[str], rows: list[dict]) -> str:
