@@ -37,10 +37,10 @@ def _load_with_timm_alone(name: str, size: int, path) -> torch.nn.Module:
     return timm.create_model(name, num_classes=10, checkpoint_path=str(path), **kwargs)
 
 
-def _cell_args(out, model, size, strategy, mode, epochs=2):
+def _cell_args(out, model, size, strategy, mode):
     # norm-free nets diverge at the quickstart's lr 0.1 without adaptive clipping (clip_mode agc is not here yet)
     extra = ["optimizer.clip_grad=1.0"] if model == "test_nfnet" else []
-    return [*extra, f"model.name={model}", f"data.image_size={size}", f"schedule.epochs={epochs}", "averaging.start_epoch=1",
+    return [*extra, f"model.name={model}", f"data.image_size={size}", "schedule.epochs=1", "schedule.warmup_epochs=0", "averaging.start=0.5",
             f"averaging.strategy={strategy}", f"bn.mode={mode}", "bn.recompute_batches=4", "data.batch_size=32",
             f"output.dir={out}"]
 
