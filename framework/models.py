@@ -4,6 +4,7 @@ and the checks that run at validation on the meta device (no memory, no weights)
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 
 import torch
@@ -63,13 +64,22 @@ def load_matching(model: torch.nn.Module, path: Path) -> list[str]:
     from timm.models import load_state_dict
 
     state = load_state_dict(str(path), use_ema=False, weights_only=True)
+    lines = []
+    # timm's own conversion for the family (what its load_pretrained applies): resamples position
+    # embeddings to the size the model was built for, converts original-format weights
+    filter_fn = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)
+    if filter_fn is not None:
+        try:
+            state = filter_fn(state, model)
+        except Exception as err:  # a file in another layout: load it as it is, and say so
+            lines.append(f"  {type(model).__module__}.checkpoint_filter_fn failed ({type(err).__name__}: {err}); loaded as is")
     own = model.state_dict()
     keep = {k: v for k, v in state.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
     dropped = [f"{k} {tuple(v.shape)}" + (f" (model: {tuple(own[k].shape)})" if k in own else " (not in model)")
                for k, v in state.items() if k not in keep]
     untouched = [k for k in own if k not in keep]
     model.load_state_dict(keep, strict=False)
-    lines = [f"pretrained weights {path}: kept {len(keep)} of {len(state)} tensors"]
+    lines.insert(0, f"pretrained weights {path}: kept {len(keep)} of {len(state)} tensors")
     if dropped:
         lines.append("  dropped (shape or name does not fit): " + ", ".join(dropped))
     if untouched:

@@ -90,6 +90,21 @@ def test_pretrained_file_drops_only_what_does_not_fit_and_says_so(tmp_path):
                        source.conv1[0].weight if isinstance(source.conv1, torch.nn.Sequential) else source.conv1.weight)
 
 
+def test_pretrained_vit_at_another_size_keeps_its_position_embedding(tmp_path):
+    """timm's checkpoint filter resamples pos_embed to the size the model is built for; shape matching alone would drop it."""
+    import timm
+    from safetensors.torch import save_file
+
+    from framework.models import create_model
+
+    source = timm.create_model("test_vit", num_classes=10, img_size=32)
+    save_file(source.state_dict(), str(tmp_path / "w.safetensors"))
+    r = resolve_recipe(QUICKSTART, ["model.name=test_vit", "data.image_size=48", f"model.pretrained_file={tmp_path / 'w.safetensors'}"])
+    model, notes = create_model(r.model, r.data.image_size)
+    assert model.pos_embed.shape == (1, 10, 64) and "pos_embed" not in "\n".join(notes)
+    assert torch.equal(model.head.weight, source.head.weight)
+
+
 def _fake_hf_cache(root, repo: str, state: dict) -> None:
     from safetensors.torch import save_file
 
