@@ -51,6 +51,24 @@ def evaluate(model, loader, device, num_classes: int, autocast=contextlib.nullco
 
 
 @contextlib.contextmanager
+def isolated_rng(device: torch.device):
+    """Evaluation and BN passes leave every training stream (torch, CUDA, Python, NumPy) as they found it:
+    a DataLoader draws its base seed from torch's generator and timm's crop draws from Python's, so without
+    this the live model would depend on how much is evaluated (averaging settings, recompute batches)."""
+    import random
+
+    import numpy as np
+
+    py, npy = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        try:
+            yield
+        finally:
+            random.setstate(py)
+            np.random.set_state(npy)
+
+
+@contextlib.contextmanager
 def harmonized_bn(mode, live_bn: list[torch.Tensor]):
     """The live BN statistics as the mode evaluates them: kept (reduce) or swapped in for the block."""
     if mode.persist:
@@ -81,8 +99,7 @@ class AveragedEval:
     def recompute(self) -> list[torch.Tensor]:
         """Fresh statistics for the weights now in `module`; live buffers and RNG streams are left as they were."""
         start = time.perf_counter()
-        devices = [self.device] if self.device.type == "cuda" else []
-        with swapped(self.live_bn, clone_all(self.live_bn)), torch.random.fork_rng(devices=devices):
+        with swapped(self.live_bn, clone_all(self.live_bn)), isolated_rng(self.device):
             recompute_bn_stats(self.module, self.train_loader, self.recompute_batches, self.device, self.autocast, self.dtype)
             stats = clone_all(self.live_bn)
         self.recompute_seconds.append(time.perf_counter() - start)

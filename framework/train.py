@@ -17,7 +17,7 @@ from framework.builders import create_accelerator, create_optimizer, create_sche
 from framework.checkpoint import save_checkpoint
 from framework.data import create_datasets, create_loaders
 from framework.engine_state import create_engine_state
-from framework.evaluation import AveragedEval, evaluate, harmonized_bn
+from framework.evaluation import AveragedEval, evaluate, harmonized_bn, isolated_rng
 from framework.export import detached_state_dict, save_state_dict
 from framework.faults import StepControl
 from framework.models import create_model
@@ -204,16 +204,19 @@ def train(recipe: Recipe) -> dict:
     def on_step(stats: dict) -> bool:
         if control.stop_agreed:
             return True
-        if ckpt.unit == "steps" and ckpt.every and stats["steps"] % ckpt.every == 0:
+        # steps over the whole run, as the checkpoint is named (not within the epoch: an `every` longer than an
+        # epoch would never fire)
+        if ckpt.unit == "steps" and ckpt.every and (epoch * steps_per_epoch + stats["steps"]) % ckpt.every == 0:
             save(epoch, stats)
         return False
 
     def evaluate_all():
-        with harmonized_bn(bn_mode, live_bn):
-            live = evaluate_live()
-        if averager is not None and averager.started:
-            return live, *avg_eval.run(averager.avg.tensors(), sources, loaders.val, recipe.model.num_classes)
-        return live, {}, {}
+        with isolated_rng(device):  # training draws the same numbers whatever is evaluated here
+            with harmonized_bn(bn_mode, live_bn):
+                live = evaluate_live()
+            if averager is not None and averager.started:
+                return live, *avg_eval.run(averager.avg.tensors(), sources, loaders.val, recipe.model.num_classes)
+            return live, {}, {}
 
     for epoch in range(resumed["epoch"], recipe.schedule.epochs):
         loaders.train_sampler.set_epoch(epoch)

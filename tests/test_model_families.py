@@ -164,3 +164,31 @@ def test_two_process_families(tmp_path, model, size, strategy, mode, args, has_b
     assert ("averaged + recompute" in table) == has_bn and ("averaged (no BN statistics)" in table) != has_bn
     state = _load_with_timm_alone(model, size, out / "model_averaged.safetensors").state_dict()
     assert all(torch.isfinite(t.float()).all() for t in state.values())
+
+
+def test_live_training_does_not_depend_on_what_is_evaluated(train_in_process, tmp_path):
+    """Same seed: no averaging, SWA (no SWALR: the same learning rates) and SWA with another recompute budget
+    train bitwise the same live model. The defect: evaluation loaders and the recompute pass's crops drew
+    from the training streams, so every extra evaluation shifted later augmentation."""
+    from conftest import read_metrics
+    from safetensors.torch import load_file
+
+    base = ["model.name=test_resnet", "schedule.epochs=3", "averaging.start=0.2", "averaging.swa.lr=None"]
+    runs = {}
+    for name, extra in (("none", ["averaging.strategy=none"]), ("swa", ["averaging.strategy=swa", "bn.recompute_batches=3"]),
+                        ("swa-all", ["averaging.strategy=swa", "bn.recompute_batches=None"])):
+        out = tmp_path / name
+        train_in_process([*base, *extra, f"output.dir={out}"])
+        runs[name] = ([r["train/loss"] for r in read_metrics(out)], load_file(str(out / "model_online.safetensors")))
+    losses, weights = runs["none"]
+    for name in ("swa", "swa-all"):
+        assert runs[name][0] == losses, name
+        assert all(torch.equal(weights[k], runs[name][1][k]) for k in weights), name
+
+
+def test_step_checkpoints_count_over_the_whole_run(train_in_process, tmp_path):
+    """every=30 with 22 steps per epoch: the defect counted within the epoch and never saved."""
+    out = tmp_path / "run"
+    train_in_process(["model.name=test_resnet", "schedule.epochs=2", "averaging.strategy=none", "data.batch_size=64",
+                      "checkpoint.every=30", "checkpoint.unit=steps", f"output.dir={out}"])
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000000030"]
