@@ -129,6 +129,7 @@ class WandbConfig:
     entity: str | None = spec(None)
     name: str | None = spec(None, doc="run name; defaults to the recipe's name")
     tags: list[str] = spec(factory=list)
+    init_timeout: float = spec(90.0, gt=0.0, doc="seconds wandb.init may wait for the server; then auto falls back to offline")
 
 
 @dataclass(kw_only=True)

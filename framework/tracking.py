@@ -52,6 +52,28 @@ def resolve_wandb_mode(mode: str) -> str:
     return "online" if wandb_api_key_available() else "offline"
 
 
+class LoggerStartError(RuntimeError):
+    """wandb asked for explicitly (mode online) could not start: the run stops before training, on every process."""
+
+
+def create_logger(accelerator, *args) -> RunLogger | None:
+    """The RunLogger on the main process (None elsewhere). Every process learns whether it started, so an
+    explicit online mode that cannot start stops all of them at once with one line, not a lost peer each."""
+    from accelerate.utils import broadcast_object_list
+
+    logger, failure = None, [None]
+    if accelerator.is_main_process:
+        try:
+            logger = RunLogger(*args)
+        except LoggerStartError as err:
+            failure = [str(err)]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(failure, from_process=0)
+    if failure[0] is not None:
+        raise LoggerStartError(failure[0])
+    return logger
+
+
 class RunLogger:
     """Writes the run's files and mirrors every record to wandb. Create on the main process only."""
 
@@ -65,15 +87,29 @@ class RunLogger:
         write_atomic(self.metrics_path, "".join(json.dumps(r) + "\n" for r in records))
         self.mode = resolve_wandb_mode(wandb_cfg.mode)
         self.run = None
-        if self.mode != "disabled":
-            redirect_tool_dirs(out_dir)
-            import wandb
+        if self.mode == "disabled":
+            return
+        redirect_tool_dirs(out_dir)
+        try:
+            self.run = self._init(wandb_cfg, run_name)
+        except Exception as err:  # wandb raises CommError, AuthenticationError, UsageError...: none may end a run
+            why = f"{type(err).__name__}: {str(err).strip().splitlines()[0][:200] if str(err).strip() else ''}"
+            if wandb_cfg.mode != "auto":
+                raise LoggerStartError(f"logging.wandb.mode = {wandb_cfg.mode!r}: wandb could not start ({why}); "
+                                       "use 'auto' (falls back to offline) or 'offline'") from None
+            print(f"note: wandb online could not start ({why}); logging offline instead: sync later with "
+                  f"`wandb sync {out_dir / 'wandb'}/offline-run-*`", flush=True)
+            self.mode = "offline"
+            self.run = self._init(wandb_cfg, run_name)
 
-            self.run = wandb.init(
-                project=wandb_cfg.project, entity=wandb_cfg.entity, name=wandb_cfg.name or run_name,
-                tags=wandb_cfg.tags, config=self.config, dir=str(out_dir), mode=self.mode,
-                settings=wandb.Settings(save_code=False, console="off", silent=True),
-            )
+    def _init(self, wandb_cfg, run_name: str):
+        import wandb
+
+        return wandb.init(
+            project=wandb_cfg.project, entity=wandb_cfg.entity, name=wandb_cfg.name or run_name,
+            tags=wandb_cfg.tags, config=self.config, dir=str(self.out_dir), mode=self.mode,
+            settings=wandb.Settings(save_code=False, console="off", silent=True, init_timeout=wandb_cfg.init_timeout),
+        )
 
     def log(self, record: dict) -> None:
         with open(self.metrics_path, "a", encoding="utf-8") as f:

@@ -146,7 +146,7 @@ def train(recipe: Recipe) -> dict:
     """Run a validated recipe on the current launch. Returns the summary (on every process)."""
     from accelerate.utils import set_seed
 
-    from framework.tracking import RunLogger
+    from framework.tracking import create_logger
 
     accelerator, precision = create_accelerator(recipe.backend, recipe.data.batch_size, recipe.optimizer.clip_grad,
                                                  recipe.faults.collective_timeout_s)
@@ -184,9 +184,7 @@ def train(recipe: Recipe) -> dict:
     control.install_signal_handlers()
     engine_state = create_engine_state(accelerator, model, optimizer)
     resumed = resume_run(recipe, out, state, engine_state, sources, accelerator)
-    logger = None
-    if accelerator.is_main_process:
-        logger = RunLogger(out, recipe_to_dict(recipe), recipe.logging.wandb, recipe.name, resumed["records"])
+    logger = create_logger(accelerator, out, recipe_to_dict(recipe), recipe.logging.wandb, recipe.name, resumed["records"])
     records, averaged, bn_stats, ev = resumed["records"], {}, {}, None
     ckpt = recipe.checkpoint
     steps_per_epoch = len(loaders.train)

@@ -20,6 +20,7 @@ def main(argv: list[str]) -> int:
 
     from framework.errors import print_errors
     from framework.faults import NonFiniteError
+    from framework.tracking import LoggerStartError
     from framework.train import Interrupted, train
 
     try:
@@ -33,6 +34,11 @@ def main(argv: list[str]) -> int:
         print_errors([str(err)])
         _shutdown(dist)
         return 1
+    except LoggerStartError as err:  # every process raises it; one line is enough
+        if os.environ.get("RANK", "0") == "0":
+            print_errors([str(err)])
+        _shutdown(dist)
+        return 2
     except RuntimeError as err:  # a peer died (noticed at once) or hung (noticed at the timeout)
         if not _lost_peer(err):
             raise

@@ -192,3 +192,43 @@ def test_step_checkpoints_count_over_the_whole_run(train_in_process, tmp_path):
     train_in_process(["model.name=test_resnet", "schedule.epochs=2", "averaging.strategy=none", "data.batch_size=64",
                       "checkpoint.every=30", "checkpoint.unit=steps", f"output.dir={out}"])
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000000030"]
+
+
+UNREACHABLE_WANDB = {"WANDB_API_KEY": "0123456789abcdef0123456789abcdef01234567", "WANDB_BASE_URL": "http://127.0.0.1:9"}
+
+
+def test_an_unreachable_wandb_server_falls_back_to_offline_under_auto(train_in_process, tmp_path, monkeypatch, capsys):
+    """The defect: with an API key and no reachable server, auto chose online and the run died in wandb.init."""
+    for k, v in UNREACHABLE_WANDB.items():
+        monkeypatch.setenv(k, v)
+    out = tmp_path / "run"
+    s = train_in_process(["model.name=test_resnet", "schedule.epochs=1", "schedule.warmup_epochs=0", "averaging.strategy=none",
+                          "logging.wandb.mode=auto", "logging.wandb.init_timeout=3", f"output.dir={out}"])
+    assert s["status"] == "completed" and s["wandb"]["mode"] == "offline"
+    printed = capsys.readouterr().out
+    assert "note: wandb online could not start" in printed and "wandb sync" in printed
+    assert UNREACHABLE_WANDB["WANDB_API_KEY"] not in printed
+    assert list((out / "wandb").glob("offline-run-*/run-*.wandb"))
+
+
+def test_explicit_online_that_cannot_start_stops_before_training(train_in_process, tmp_path, monkeypatch):
+    from framework.tracking import LoggerStartError
+
+    for k, v in UNREACHABLE_WANDB.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(LoggerStartError, match=r"logging.wandb.mode = 'online': wandb could not start \(CommError"):
+        train_in_process(["model.name=test_resnet", "schedule.epochs=1", "schedule.warmup_epochs=0", "averaging.strategy=none",
+                          "logging.wandb.mode=online", "logging.wandb.init_timeout=3", f"output.dir={tmp_path / 'run'}"])
+    assert not (tmp_path / "run" / "metrics.jsonl").read_text()  # stopped before the first epoch
+
+
+def test_explicit_online_failure_stops_every_process_with_one_line(tmp_path):
+    from conftest import clean_env
+
+    proc = launch([str(ROOT / "recipes" / "quickstart.yaml"), "model.name=test_resnet", "logging.wandb.mode=online",
+                   "logging.wandb.init_timeout=3", f"output.dir={tmp_path / 'run'}"], nproc=2, cwd=tmp_path,
+                  env=clean_env(**UNREACHABLE_WANDB))
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and "logging.wandb.mode = 'online': wandb could not start" in lines[0], proc.stderr[-3000:]
+    assert "lost contact" not in proc.stderr and UNREACHABLE_WANDB["WANDB_API_KEY"] not in proc.stdout + proc.stderr
