@@ -33,15 +33,14 @@ def _build(cfg: ModelConfig, image_size: int | None):
     return timm.create_model(cfg.name, pretrained=False, **kwargs)
 
 
-def set_bn(model: torch.nn.Module, momentum: float | None, eps: float | None) -> int:
-    """Set every BN layer's momentum and eps where the recipe gives them. Returns the number of BN layers."""
-    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    for m in bns:
-        if momentum is not None:
-            m.momentum = momentum
-        if eps is not None:
-            m.eps = eps
-    return len(bns)
+def set_bn(model: torch.nn.Module, momentum: float | None, eps: float | None) -> None:
+    """Set every BN layer's momentum and eps where the recipe gives them."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            if momentum is not None:
+                m.momentum = momentum
+            if eps is not None:
+                m.eps = eps
 
 
 def hf_cached_weights(model) -> Path | None:
@@ -95,10 +94,11 @@ def create_model(cfg: ModelConfig, image_size: int | None) -> tuple[torch.nn.Mod
     return model, load_matching(model, weights) if weights is not None else []
 
 
-def _forward_fails(cfg: ModelConfig, size: int) -> str | None:
+def _forward_fails(cfg: ModelConfig, size: int, model: torch.nn.Module | None = None) -> str | None:
+    """Why a meta-device forward at `size` fails, or None. `model`: one already built on meta for `size`."""
     try:
         with torch.device("meta"):
-            model = _build(cfg, size)
+            model = model if model is not None else _build(cfg, size)
             model.eval()(torch.empty(2, cfg.in_chans, size, size))
     except Exception as err:  # any failure is the model refusing the size
         return f"{type(err).__name__}: {str(err).strip().splitlines()[0][:160] if str(err).strip() else ''}"
@@ -127,7 +127,7 @@ def check_model(cfg: ModelConfig, image_size: int, errors: list[str]) -> None:
     if isinstance(patch, int) and image_size % patch:
         errors.append(f"data.image_size = {image_size}: {cfg.name} needs a multiple of its patch size {patch} "
                       f"(e.g. {image_size - image_size % patch or patch} or {image_size - image_size % patch + patch})")
-    elif (why := _forward_fails(cfg, image_size)) is not None:
+    elif (why := _forward_fails(cfg, image_size, model)) is not None:
         step = 16
         nearby = [s for s in range(max(step, (image_size // step - 2) * step), image_size + 3 * step, step)
                   if s != image_size and _forward_fails(cfg, s) is None][:4]

@@ -107,8 +107,8 @@ def format_table(online: dict, averaged: dict, why: str = "") -> str:
     (one row when the model keeps no BN statistics), then why these sources apply."""
     from framework.bn.sources import NO_STATS
 
-    label = lambda name: "averaged (no BN statistics)" if name == NO_STATS else f"averaged + {name}"  # noqa: E731
-    rows = [("online (live model)", online)] + [(label(name), r) for name, r in averaged.items()]
+    rows = [("online (live model)", online)] + [
+        ("averaged (no BN statistics)" if name == NO_STATS else f"averaged + {name}", r) for name, r in averaged.items()]
     lines = [f"{'model / BN statistics':28s} {'top1':>7s} {'top5':>7s} {'loss':>8s}"]
     lines += [f"{label:28s} {r['top1']:7.2f} {r['top5']:7.2f} {r['loss']:8.4f}" for label, r in rows]
     return "\n".join(lines + ([f"BN statistics: {why}"] if why else []))

@@ -137,7 +137,7 @@ def create_averaging(recipe: Recipe, module, view, steps_per_epoch: int):
     start = cfg.start_epoch * steps_per_epoch if cfg.start_epoch is not None else int(cfg.start * total)
     averager = WeightAverager(create_rule(cfg.strategy, getattr(cfg, cfg.strategy)), view.sources,
                               start_step=max(start, 1), every_steps=cfg.every_steps, offload=cfg.offload)
-    sources, export, bn_report = create_sources(module, bn_buffers(module), recipe.bn.export_stats)
+    sources, export, bn_report = create_sources(module, recipe.bn.export_stats)
     averager.listeners = [s.on_update for s in sources.values()]
     return averager, sources, export, bn_report
 

@@ -130,11 +130,12 @@ class NoStats:
 NO_STATS = "none"  # the single evaluation's name where no source applies: eval/averaged/none/top1
 
 
-def create_sources(model: torch.nn.Module, live: list[torch.Tensor], export: str) -> tuple[dict, str, dict]:
-    """The sources that apply to `model`, the one its export uses, and what the run reports about them."""
-    from framework.bn import norm_layer_census
+def create_sources(model: torch.nn.Module, export: str) -> tuple[dict, str, dict]:
+    """The sources that apply to `model` (listening to its live BN buffers), the one its export uses, and
+    what the run reports about them."""
+    from framework.bn import bn_buffers, norm_layer_census
 
-    census = norm_layer_census(model)
+    live, census = bn_buffers(model), norm_layer_census(model)
     if live:
         why = (f"{census['bn_with_stats']} BatchNorm layers keep running statistics; each source gives them "
                "to the averaged weights" + (f" (other normalisation, untouched: {', '.join(census['other'])})"
