@@ -33,10 +33,11 @@ class StepControl:
 
         signal.signal(signal.SIGTERM, request_stop)
 
-    def check(self, loss: torch.Tensor, params, step: int, buffers: list[torch.Tensor] = ()) -> bool:
-        """After backward, before the optimizer step. True: take the step; False: skip it.
-        `buffers`: BN running statistics the forward just updated (they can overflow while the loss stays finite)."""
-        watched = [p.grad for p in params if p.grad is not None] + list(buffers)
+    def check(self, loss: torch.Tensor, params, step: int, buffers: list[torch.Tensor] = (), grads: bool = True) -> bool:
+        """After backward (gradients unscaled), before the optimizer step. True: take the step; False: skip it.
+        `buffers`: BN running statistics the forward just updated (they can overflow while the loss stays finite).
+        `grads=False`: the loss scaler already owns this step's overflowed gradients; the loss and BN are still checked."""
+        watched = ([p.grad for p in params if p.grad is not None] if grads else []) + list(buffers)
         finite = torch.isfinite(loss.detach()).all()
         if watched:
             finite = finite & torch.stack(torch._foreach_norm(watched)).isfinite().all()

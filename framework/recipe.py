@@ -8,6 +8,7 @@ values are parsed as YAML scalars. Everything here runs before any process group
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 
 from framework.errors import RecipeError, show
@@ -100,6 +101,9 @@ def _check_semantics(r: Recipe, errors: list[str]) -> None:
         for key, value in (("zero_stage", b.zero_stage), ("offload_optimizer", b.offload_optimizer), ("offload_params", b.offload_params)):
             if value:
                 errors.append(f"backend.{key} = {value!r}: only with backend.type = 'deepspeed' (got 'ddp')")
+    if b.loss_scale.init != 2.0 ** round(math.log2(b.loss_scale.init)):
+        errors.append(f"backend.loss_scale.init = {b.loss_scale.init!r}: must be a power of two (e.g. 65536.0); "
+                      "DeepSpeed takes it as one")
     if b.offload_optimizer and b.zero_stage == 0:
         errors.append("backend.offload_optimizer = True: needs backend.zero_stage 1, 2 or 3 (got 0)")
     if b.offload_params and b.zero_stage != 3:

@@ -30,12 +30,14 @@ def epoch_record(epoch: int, stats: dict, ev: dict, averaged: dict, lr: float, a
     loss_sum, images, data_wait = _reduce(accelerator, torch.stack([
         stats["loss_sum"].double().cpu(), torch.tensor(float(stats["images"]), dtype=torch.float64),
         torch.tensor(stats["data_wait"], dtype=torch.float64)])).tolist()
+    # every process skips the same overflowed steps (the gradients are all-reduced before the scaler looks)
     seconds, peak = _reduce(accelerator, [stats["seconds"], peak_memory_mb(accelerator.device)], "max").tolist()
     steps = max(stats["steps"], 1)
     return {
         "epoch": epoch,
         "train/loss": loss_sum / max(images, 1),
         "train/lr": lr,
+        "amp/overflow_steps": stats["overflow_steps"],
         "eval/online/top1": ev["top1"], "eval/online/top5": ev["top5"], "eval/online/loss": ev["loss"],
         "eval/images": ev["images"],
         "throughput/train_images_per_s": images / seconds,

@@ -22,6 +22,7 @@ def capture(state, engine_state, sources: dict, position: dict, epoch_stats: dic
     return {
         **engine_state.state_dict(),  # model, optimizer, engine counters
         "scheduler": scheduler_state_dict(state.scheduler),
+        "amp": state.amp.state_dict(),  # the loss scale and its growth counter: resume stays exact
         "averager": state.averager.state_dict() if state.averager is not None else None,
         "sources": {name: s.state_dict() for name, s in sources.items()},
         "rng": rng,
@@ -34,6 +35,7 @@ def capture(state, engine_state, sources: dict, position: dict, epoch_stats: dic
 def restore(saved: dict, state, engine_state, sources: dict, same_world: bool) -> None:
     engine_state.load_state_dict(saved)
     load_scheduler_state_dict(state.scheduler, saved["scheduler"])
+    state.amp.load_state_dict(saved["amp"])
     if state.averager is not None and saved["averager"] is not None:
         state.averager.load_state_dict(saved["averager"])
     for name, source in sources.items():

@@ -5,7 +5,8 @@ with the same world size or another. With `data.workers > 0`, a fresh DataLoader
 workers anew, so a resumed epoch would draw other augmentations than the interrupted one; to
 make a resume exact, the sampler's indices are tagged with the epoch and each worker seeds its
 random generators from (seed, epoch, index) before loading that sample. Without workers, the
-main process's generators are used as they are (they are in every checkpoint).
+main process's generators are used as they are (they are in every checkpoint), seeded per
+process by `seed_process_streams`.
 """
 
 from __future__ import annotations
@@ -16,6 +17,15 @@ import random
 import numpy as np
 import torch
 from torch.utils.data import Dataset, DistributedSampler, Sampler, get_worker_info
+
+
+def seed_process_streams(seed: int, rank: int) -> None:
+    """This process's training streams (torch, Python, NumPy) from (seed, rank), as timm's train.py does:
+    after the model is built from the shared seed, dropout, drop-path and main-process augmentation draw
+    differently on each process, and the same on every run with this seed and world size."""
+    torch.manual_seed(seed + rank)
+    random.seed(seed + rank)
+    np.random.seed((seed + rank) % 2**32)
 
 
 class ShardSampler(DistributedSampler):

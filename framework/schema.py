@@ -113,12 +113,19 @@ class BNConfig:
 
 
 @dataclass(kw_only=True)
+class LossScaleConfig:
+    init: float = spec(2.0**16, ge=1.0, doc="fp16: the loss scale to start from (a power of two)")
+    growth_interval: int = spec(2000, ge=1, doc="fp16: clean steps before the scale doubles")
+
+
+@dataclass(kw_only=True)
 class BackendConfig:
     type: Literal["ddp", "deepspeed"] = spec("ddp")
     zero_stage: int = spec(0, ge=0, le=3, doc="DeepSpeed ZeRO stage: launch/deepspeed/zero<stage>.json")
     offload_optimizer: bool = spec(False, doc="DeepSpeed, stages 1-3: optimizer state and fp32 master weights on CPU")
     offload_params: bool = spec(False, doc="DeepSpeed, stage 3: parameters on CPU")
-    precision: Literal["fp32", "bf16", "fp16"] = spec("fp32", doc="fp16 falls back to fp32 on CPU")
+    precision: Literal["fp32", "bf16", "fp16"] = spec("fp32", doc="DeepSpeed on CPU runs fp32 and says so")
+    loss_scale: LossScaleConfig = spec(factory=LossScaleConfig, doc="fp16's dynamic loss scaler")
     find_unused_parameters: bool = spec(False, doc="DDP only")
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from framework.amp import MixedPrecision, create_precision
 from framework.averaging import WeightAverager, create_rule
 from framework.averaging.views import create_view
 from framework.bn import BN_MODES, bn_buffers, swapped
@@ -32,6 +33,7 @@ from framework.report import (
     progress_bar,
 )
 from framework.resume import capture, resume_run
+from framework.sampling import seed_process_streams
 from framework.schema import Recipe
 
 
@@ -55,6 +57,7 @@ class TrainState:
     steps_per_epoch: int = 1
     bn_buffers: list = field(default_factory=list)  # live BN statistics, put back when a step is refused
     num_updates: int = 0
+    amp: MixedPrecision = field(default_factory=lambda: MixedPrecision("fp32", torch.device("cpu")))
 
     def after_update(self) -> None:
         """Schedule, then averaging (whose SWALR, once started, overrides the schedule's lr)."""
@@ -76,19 +79,20 @@ def _sync(device: torch.device) -> None:
 
 def new_epoch_stats(device) -> dict:
     return {"loss_sum": torch.zeros((), device=device, dtype=torch.float64), "images": 0, "steps": 0,
-            "seconds": 0.0, "data_wait": 0.0}
+            "overflow_steps": 0, "seconds": 0.0, "data_wait": 0.0}
 
 
 def train_one_epoch(state: TrainState, loader, max_steps: int | None = None, progress=None, stats: dict | None = None,
                     control=None, on_step=None) -> dict:
     """Train over `loader`, adding to `stats` (this process's counts and timings; no host sync per step
     unless `control` checks each step across processes). `on_step(stats)` returning True stops early."""
-    acc, model, opt = state.accelerator, state.model, state.optimizer
+    acc, model, opt, amp = state.accelerator, state.model, state.optimizer, state.amp
     model.train()
     stats = stats or new_epoch_stats(acc.device)
     taken = 0
-    # Only `skip` puts a refused step's BN statistics back; `raise` ends the run, so no copy per step
-    bn_backup = [t.clone() for t in state.bn_buffers] if control is not None and control.policy == "skip" else []
+    # A refused or overflowed step puts its forward's BN statistics back; otherwise no copy per step
+    refusable = amp.can_overflow or (control is not None and control.policy == "skip")
+    bn_backup = [t.clone() for t in state.bn_buffers] if refusable else []
     _sync(acc.device)
     start = time.perf_counter()
     batches = iter(loader)
@@ -103,19 +107,26 @@ def train_one_epoch(state: TrainState, loader, max_steps: int | None = None, pro
         stats["data_wait"] += time.perf_counter() - t
         if bn_backup:
             torch._foreach_copy_(bn_backup, state.bn_buffers)
-        with acc.autocast():
+        with amp.autocast():
             loss = F.cross_entropy(model(images), targets)
         opt.zero_grad(set_to_none=True)
-        acc.backward(loss)
-        if control is None or control.check(loss, model.parameters(), state.num_updates + 1, state.bn_buffers):
-            if state.clip_grad is not None:
-                acc.clip_grad_norm_(model.parameters(), state.clip_grad)
-            opt.step()
+        acc.backward(amp.scale(loss))
+        overflow = amp.unscale(opt, loss) or amp.after_backward(model)  # gradients are unscaled from here on
+        checked = control is None or control.check(loss, model.parameters(), state.num_updates + 1, state.bn_buffers,
+                                                   grads=not overflow)
+        apply = checked and not overflow
+        if apply and state.clip_grad is not None:
+            acc.clip_grad_norm_(model.parameters(), state.clip_grad)
+        amp.step(opt, apply)
+        if apply:
             state.after_update()
             stats["loss_sum"] += loss.detach().double() * images.shape[0]
             stats["images"] += images.shape[0]
-        elif bn_backup:
-            torch._foreach_copy_(state.bn_buffers, bn_backup)  # the refused forward's statistics go too
+        else:  # the scaler's overflow, or a step `faults.nonfinite=skip` refused: not an update
+            stats["overflow_steps"] += int(overflow)
+            amp.overflow_steps += int(overflow)
+            if bn_backup:
+                torch._foreach_copy_(state.bn_buffers, bn_backup)  # the refused forward's statistics go too
         stats["steps"] += 1
         taken += 1
         if progress is not None:
@@ -158,6 +169,7 @@ def train(recipe: Recipe) -> dict:
     if weight_notes and accelerator.is_main_process:
         print("\n".join(weight_notes), flush=True)
     model = bn_mode.convert(model, cuda)
+    seed_process_streams(recipe.seed, accelerator.process_index)  # identical weights above, own streams below
     train_ds, val_ds = create_datasets(recipe.data, model, recipe.model.num_classes, recipe.model.in_chans, recipe.seed,
                                        pretrained=recipe.model.pretrained or recipe.model.pretrained_file is not None)
     loaders = create_loaders(recipe.data, train_ds, val_ds, accelerator.process_index, accelerator.num_processes,
@@ -173,11 +185,13 @@ def train(recipe: Recipe) -> dict:
     view = create_view(accelerator, model)
     averager, sources, export_source, bn_report = create_averaging(recipe, module, view, len(loaders.train))
     live_bn = bn_buffers(module)
+    scale = recipe.backend.loss_scale
+    amp = create_precision(precision, recipe.backend.type == "deepspeed", device, scale.init, scale.growth_interval)
     state = TrainState(model, optimizer, scheduler, accelerator, recipe.optimizer.clip_grad, dtype, averager,
-                       len(loaders.train), live_bn)
+                       len(loaders.train), live_bn, amp=amp)
     avg_eval = AveragedEval(module, view, live_bn, bn_mode, loaders.train, recipe.bn.recompute_batches, device,
-                            accelerator.autocast, dtype)
-    evaluate_live = lambda: evaluate(module, loaders.val, device, recipe.model.num_classes, accelerator.autocast, dtype)  # noqa: E731
+                            amp.autocast, dtype)
+    evaluate_live = lambda: evaluate(module, loaders.val, device, recipe.model.num_classes, amp.autocast, dtype)  # noqa: E731
 
     out = Path(recipe.output.dir)
     control = StepControl(recipe.faults.nonfinite, recipe.faults.max_consecutive_skips, device)
@@ -256,6 +270,7 @@ def train(recipe: Recipe) -> dict:
                      "export_stats": export_source if averaged else None, "bn": bn_report,
                      "recompute_bn_sha256_per_rank": gather_digests(bn_stats.get("recompute", []))}
     summary = build_summary(records, ev, averaged, averaging, accelerator, recipe, precision, recipe_hashes)
+    summary["amp"] = {"overflow_steps": amp.overflow_steps, "loss_scale": amp.loss_scale}
     # Exports gather on every process (ZeRO-3 consolidates onto the main one), which alone writes.
     with harmonized_bn(bn_mode, live_bn):
         online_state = detached_state_dict(accelerator, model)

@@ -265,3 +265,24 @@ def test_front_door_gives_each_cpu_process_its_share_of_cores():
     assert resolve_launch("1", 0, 8, {"OMP_NUM_THREADS": "3"})[1]["OMP_NUM_THREADS"] == "3"  # the user's wins
     with pytest.raises(ValueError, match="--num-processes = '0': expected a positive integer"):
         resolve_launch("0", 0, 2, {})
+
+    with pytest.raises(ValueError, match="--num-processes = '0': expected a positive integer"):
+        resolve_launch("0", 0, 2, {})
+
+
+def test_each_process_draws_from_its_own_streams_and_a_seed_repeats_them():
+    """The defect: every process ran on the seed alone, so dropout, drop-path and main-process augmentation
+    drew identically on every rank."""
+    import random
+
+    import numpy as np
+
+    from framework.sampling import seed_process_streams
+
+    def draws(rank: int):
+        seed_process_streams(7, rank)
+        return torch.nn.functional.dropout(torch.ones(64), 0.5), random.random(), np.random.rand()
+
+    r0, r1, again = draws(0), draws(1), draws(0)
+    assert not torch.equal(r0[0], r1[0]) and r0[1] != r1[1] and r0[2] != r1[2]
+    assert torch.equal(r0[0], again[0]) and r0[1:] == again[1:]

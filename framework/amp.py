@@ -1,0 +1,111 @@
+"""Mixed precision for the training step: autocast, the fp16 loss scaler, and overflow counting.
+
+Under DDP this module owns autocast and torch's GradScaler on CPU and GPU alike (Accelerate is
+built with mixed_precision='no'): Accelerate ignores fp16 on CPU, and its scaler would hand the
+non-finite check gradients that are still scaled. Here the gradients are unscaled first, so an
+overflow (inf gradients at a finite loss, while the scale is above 1) is the scaler's business:
+the step is skipped, the scale halves, the step is counted in `overflow_steps`, and nothing else
+moves. Anything else non-finite goes to `faults.nonfinite`.
+
+Under DeepSpeed the engine casts the model, scales the loss and steps inside `backward`; an
+overflow is a step the engine did not apply (`was_step_applied()`), counted the same way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+
+DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class MixedPrecision:
+    """DDP: torch.autocast + torch.amp.GradScaler (fp16 only)."""
+
+    def __init__(self, precision: str, device: torch.device, init_scale: float = 2.0**16, growth_interval: int = 2000):
+        self.device, self.dtype = device, DTYPES[precision]
+        self.scaler = (torch.amp.GradScaler(device.type, init_scale=init_scale, growth_interval=growth_interval)
+                       if precision == "fp16" else None)
+        self.overflow_steps = 0
+
+    def autocast(self):
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def scale(self, loss: torch.Tensor) -> torch.Tensor:
+        return self.scaler.scale(loss) if self.scaler is not None else loss
+
+    def unscale(self, optimizer, loss: torch.Tensor) -> bool:
+        """After backward: unscale the gradients in place. True when the step overflowed in the
+        scaler's sense (to be skipped and counted, not judged by `faults.nonfinite`)."""
+        if self.scaler is None:
+            return False
+        self.scaler.unscale_(optimizer)
+        found = sum(v.item() for v in self.scaler._found_inf_per_device(optimizer).values())
+        # A non-finite loss, or gradients that overflow even unscaled (scale <= 1), are divergence.
+        return bool(found) and bool(torch.isfinite(loss.detach()).all()) and self.scaler.get_scale() > 1.0
+
+    def step(self, optimizer, apply: bool) -> None:
+        """Apply the update (`apply`) or not; the scaler then updates its scale either way."""
+        if self.scaler is None:
+            if apply:
+                optimizer.step()
+            return
+        if apply:
+            self.scaler.step(optimizer)  # skips by itself if any gradient is non-finite
+        self.scaler.update()
+
+    def after_backward(self, engine) -> bool:
+        return False
+
+    @property
+    def can_overflow(self) -> bool:
+        return self.scaler is not None
+
+    @property
+    def loss_scale(self) -> float | None:
+        return self.scaler.get_scale() if self.scaler is not None else None
+
+    def state_dict(self) -> dict:
+        return {"scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                "overflow_steps": self.overflow_steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.scaler is not None and state["scaler"] is not None:
+            self.scaler.load_state_dict(state["scaler"])
+        self.overflow_steps = state["overflow_steps"]
+
+
+class EnginePrecision(MixedPrecision):
+    """DeepSpeed: the engine owns casting and scaling (its scaler's state is in the engine's checkpoint part)."""
+
+    def __init__(self, precision: str, device: torch.device):
+        super().__init__("fp32", device)
+        self.precision = precision
+
+    @property
+    def can_overflow(self) -> bool:
+        return self.precision == "fp16"
+
+    def after_backward(self, engine) -> bool:
+        """The engine stepped inside backward: True when it skipped that step for an overflow."""
+        return self.precision == "fp16" and not engine.was_step_applied()
+
+    def step(self, optimizer, apply: bool) -> None:
+        if apply:
+            optimizer.step()  # a no-op wrapper: the engine already stepped
+
+
+def deepspeed_fp16_config(init_scale: float, growth_interval: int) -> dict:
+    """DeepSpeed's fp16 section for `backend.loss_scale` (it takes the scale as a power of two)."""
+    return {"loss_scale": 0, "initial_scale_power": int(math.log2(init_scale)), "loss_scale_window": growth_interval}
+
+
+def create_precision(precision: str, deepspeed: bool, device: torch.device, init_scale: float,
+                     growth_interval: int) -> MixedPrecision:
+    if deepspeed:
+        return EnginePrecision(precision, device)
+    return MixedPrecision(precision, device, init_scale, growth_interval)
