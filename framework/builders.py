@@ -160,9 +160,14 @@ def scheduler_state_dict(scheduler) -> dict:
     return {**state, "torch_plateau": inner.state_dict()} if inner is not None else state
 
 
-def load_scheduler_state_dict(scheduler, state: dict) -> None:
+def load_scheduler_state_dict(scheduler, state: dict, same_units: bool = True) -> None:
+    """`same_units=False` (another world size, so other updates per epoch): timm's per-update schedulers
+    are functions of the update count and their saved fields are in the old count's units, so this
+    run's are kept; plateau's state is per epoch and always loaded."""
     state = dict(state)
     inner = state.pop("torch_plateau", None)
+    if inner is None and not same_units:
+        return
     scheduler.load_state_dict(state)
     if inner is not None:
         scheduler.lr_scheduler.load_state_dict(inner)

@@ -1,11 +1,16 @@
 """Checkpoints: atomic, checksummed, and loaded without ever unpickling.
 
-Layout: `<output.dir>/checkpoints/step-<N>/rank<r>.safetensors` (every tensor of that process's
-state) + `rank<r>.json` (everything else, as plain data that points at the tensors by name) +
-`manifest.json` (sha256 and size of every file), written last. All processes write into
-`.tmp-step-<N>/`; after a barrier the main process checksums, writes the manifest, fsyncs and
-renames the folder into place, then prunes complete checkpoints beyond `checkpoint.keep`, so the
-previous one is never deleted before the next is complete.
+Layout: `<output.dir>/checkpoints/epoch-<E>-sample-<S>/` (named by training progress, which does
+not depend on the world size, so names never go backwards after a resume with more processes):
+`shared.safetensors` + `shared.json`, the state every process holds alike (replicated weights,
+optimizer, averaged copy, schedule), written once by the main process; `rank<r>.safetensors` +
+`rank<r>.json`, what is that process's own (random streams, sampler position, BN statistics,
+ZeRO partitions); `manifest.json` (sha256 and size of every file), written last. JSON files hold
+plain data that points at the tensors by name. All processes write into `.tmp-<tag>/`; after a
+barrier the main process checksums, writes the manifest, fsyncs and renames the folder into place,
+then prunes complete checkpoints beyond `checkpoint.keep`, so the previous one is never deleted
+before the next is complete. A write that fails (a full disk) on any process removes the partial
+folder on every process's word and raises `CheckpointWriteError`; older checkpoints are untouched.
 """
 
 from __future__ import annotations
@@ -24,6 +29,15 @@ PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".bin", ".ckpt")
 
 class CheckpointError(RuntimeError):
     pass
+
+
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint could not be written (every process raises it, with the same one-line message)."""
+
+
+def checkpoint_tag(epoch: int, samples_in_epoch: int) -> str:
+    """Folder name: epochs done and samples of the next epoch seen, by every process together."""
+    return f"epoch-{epoch:05d}-sample-{samples_in_epoch:09d}"
 
 
 def encode(obj, tensors: dict, path: str = "s"):
@@ -84,39 +98,75 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def save_checkpoint(root: Path, step: int, state: dict, rank: int, world_size: int, keep: int, meta: dict,
-                    write_extra=None) -> Path:
-    """Collective: every process calls it with its own `state`; `write_extra(folder)` (every process)
-    adds files of its own, which the manifest covers too. Returns the final folder."""
+def _first_error(error: str | None) -> str | None:
+    """Collective: the first process's error, seen by every process (so all stop, or none)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return error
+    errors = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    return next((e for e in errors if e is not None), None)
+
+
+def _write_part(folder: Path, name: str, state: dict) -> None:
     from safetensors.torch import save_file
 
-    tag = f"step-{step:09d}"
-    tmp, final = root / f".tmp-{tag}", root / tag
-    if rank == 0:
-        if tmp.is_symlink():  # never follow a planted link
-            tmp.unlink()
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    _barrier()
     tensors: dict = {}
     plain = encode(state, tensors)
-    save_file(tensors, str(tmp / f"rank{rank}.safetensors"))
-    with open(tmp / f"rank{rank}.safetensors", "rb") as f:
+    save_file(tensors, str(folder / f"{name}.safetensors"))
+    with open(folder / f"{name}.safetensors", "rb") as f:
         os.fsync(f.fileno())
-    _fsync_write(tmp / f"rank{rank}.json", json.dumps(plain).encode())
-    if write_extra is not None:
-        write_extra(tmp)
-    _barrier()
+    _fsync_write(folder / f"{name}.json", json.dumps(plain).encode())
+
+
+def save_checkpoint(root: Path, tag: str, state: dict, rank: int, world_size: int, keep: int, meta: dict,
+                    shared: dict | None = None, write_extra=None) -> Path:
+    """Collective: every process calls it with its own `state`; the main process also with `shared`.
+    `write_extra(folder)` (every process) adds files of its own, which the manifest covers too.
+    Returns the final folder."""
+    from safetensors import SafetensorError  # its writer reports a full disk as this, not as OSError
+
+    tmp, final = root / f".tmp-{tag}", root / tag
+    error = None
     if rank == 0:
-        files = {str(p.relative_to(tmp)): {"sha256": _sha256(p), "bytes": p.stat().st_size}
-                 for p in sorted(tmp.rglob("*")) if p.is_file()}
-        manifest = {"step": step, "world_size": world_size, "files": files, **meta}
-        _fsync_write(tmp / MANIFEST, json.dumps(manifest, indent=1).encode())
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        fd = os.open(root, os.O_RDONLY)
-        os.fsync(fd)
-        os.close(fd)
+        try:
+            if tmp.is_symlink():  # never follow a planted link
+                tmp.unlink()
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        except OSError as err:
+            error = f"{type(err).__name__}: {err}"
+    if (error := _first_error(error)) is None:
+        try:
+            if rank == 0 and shared is not None:
+                _write_part(tmp, "shared", shared)
+            _write_part(tmp, f"rank{rank}", state)
+            if write_extra is not None:
+                write_extra(tmp)
+        except (OSError, SafetensorError) as err:
+            error = f"rank {rank}: {type(err).__name__}: {err}"
+        error = _first_error(error)
+    if error is None and rank == 0:
+        try:
+            files = {str(p.relative_to(tmp)): {"sha256": _sha256(p), "bytes": p.stat().st_size}
+                     for p in sorted(tmp.rglob("*")) if p.is_file()}
+            manifest = {"tag": tag, "world_size": world_size, "files": files, **meta}
+            _fsync_write(tmp / MANIFEST, json.dumps(manifest, indent=1).encode())
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            fd = os.open(root, os.O_RDONLY)
+            os.fsync(fd)
+            os.close(fd)
+        except OSError as err:
+            error = f"{type(err).__name__}: {err}"
+    if (error := _first_error(error)) is not None:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            intact = newest_intact_checkpoint(root)
+        raise CheckpointWriteError(f"checkpoint {final} could not be written ({error}); removed the partial folder; "
+                                   f"newest intact checkpoint: {intact if rank == 0 else 'see the main process'}")
+    if rank == 0:
         for old in [c for c in _checkpoints(root) if (c / MANIFEST).is_file()][:-keep]:  # no re-hashing here
             shutil.rmtree(old, ignore_errors=True)
     _barrier()
@@ -141,7 +191,7 @@ def check_checkpoint(path: Path) -> str | None:
 
 def _checkpoints(root: Path) -> list[Path]:
     """Checkpoint folders, oldest first."""
-    return sorted(p for p in root.glob("step-*") if p.is_dir()) if root.is_dir() else []
+    return sorted(p for p in root.glob("epoch-*") if p.is_dir()) if root.is_dir() else []
 
 
 def newest_intact_checkpoint(root: Path) -> Path | None:
@@ -173,13 +223,28 @@ def checkpoint_world_size(path: Path) -> int:
     return json.loads((path / MANIFEST).read_text())["world_size"]
 
 
-def load_rank_state(path: Path, rank: int) -> dict:
-    """This process's state (rank 0's when the checkpoint had fewer processes). Plain data and tensors only."""
+def _merge(shared: dict, own: dict) -> dict:
+    """One process's state: `own` over `shared`; mappings both hold (the model: replicated weights,
+    own BN statistics) are merged key by key."""
+    merged = dict(shared)
+    for key, value in own.items():
+        both = isinstance(value, dict) and isinstance(merged.get(key), dict)
+        merged[key] = {**merged[key], **value} if both else value
+    return merged
+
+
+def _read_part(path: Path, name: str) -> dict:
     from safetensors.torch import load_file
 
+    tensors = load_file(str(path / f"{name}.safetensors"))
+    return decode(json.loads((path / f"{name}.json").read_text()), tensors)
+
+
+def load_rank_state(path: Path, rank: int) -> dict:
+    """This process's state (rank 0's when the checkpoint had fewer processes). Plain data and tensors only."""
     for f in path.iterdir():
         if f.suffix in PICKLE_SUFFIXES:
             raise CheckpointError(f"{f}: refusing to load a pickle from a checkpoint (it could run code)")
     r = rank if rank < checkpoint_world_size(path) else 0
-    tensors = load_file(str(path / f"rank{r}.safetensors"))
-    return decode(json.loads((path / f"rank{r}.json").read_text()), tensors)
+    shared = _read_part(path, "shared") if (path / "shared.json").is_file() else {}
+    return _merge(shared, _read_part(path, f"rank{r}"))

@@ -44,11 +44,14 @@ class ReplicatedState:
         self.optimizer.load_state_dict(saved["optimizer"])
         self._set_counters(saved["engine"])
 
+    def buffer_names(self) -> set[str]:
+        return {name for name, _ in self.module.named_buffers()}
+
     def save_engine_checkpoint(self, folder: Path) -> None:
         """DeepSpeed's own checkpoint (collective), for its tools (zero_to_fp32.py); resume never
         reads it (it pickles). Nothing without an engine."""
         if self.engine is not None:
-            self.engine.save_checkpoint(str(folder), tag="engine", save_latest=False)
+            self.engine.save_checkpoint(str(folder / "deepspeed"), tag="engine", save_latest=False)
 
     def _counters(self) -> dict:
         return {k: getattr(self.engine, k) for k in ENGINE_COUNTERS} if self.engine is not None else {}

@@ -1,8 +1,10 @@
 """What a checkpoint holds for a training run, and putting it back.
 
-Every process saves its own state (under `local` BN its buffers differ); loading with another
-world size takes rank 0's weights and optimizer state and says so, and the sampler then serves
-every sample of the interrupted epoch that no process had seen yet.
+Replicated state (weights, optimizer, averaged copy, schedule) is saved once; each process saves
+what is its own (random streams, position, BN statistics, which differ under `local` BN; ZeRO
+partitions). Loading with another world size takes rank 0's own part and says so; the sampler then
+serves every sample of the interrupted epoch that no process had seen yet, and the schedule is
+re-counted in this world's updates at the same fraction of training.
 """
 
 from __future__ import annotations
@@ -15,32 +17,43 @@ import torch
 from framework.builders import load_scheduler_state_dict, scheduler_state_dict
 
 
-def capture(state, engine_state, sources: dict, position: dict, epoch_stats: dict | None, records: list[dict]) -> dict:
+def capture(state, engine_state, sources: dict, position: dict, epoch_stats: dict | None,
+            records: list[dict]) -> tuple[dict, dict]:
+    """(this process's own state, the state every process holds alike). The second is written once."""
     rng = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
-    return {
-        **engine_state.state_dict(),  # model, optimizer, engine counters
-        "scheduler": scheduler_state_dict(state.scheduler),
-        "amp": state.amp.state_dict(),  # the loss scale and its growth counter: resume stays exact
-        "averager": state.averager.state_dict() if state.averager is not None else None,
-        "sources": {name: s.state_dict() for name, s in sources.items()},
-        "rng": rng,
-        "position": {**position, "num_updates": state.num_updates},
-        "epoch_stats": epoch_stats,
-        "records": records,
-    }
+    engine = engine_state.state_dict()  # model, optimizer, engine counters
+    averager = state.averager.state_dict() if state.averager is not None else None
+    own = {"sources": {name: s.state_dict() for name, s in sources.items()}, "rng": rng,
+           "position": {**position, "num_updates": state.num_updates}, "epoch_stats": epoch_stats}
+    shared = {"scheduler": scheduler_state_dict(state.scheduler), "amp": state.amp.state_dict(), "records": records}
+    if engine_state.partitioned:  # ZeRO: partitions (of the averaged copy too) are each process's own
+        own.update(engine, averager=averager)
+    else:  # replicated: weights, optimizer and averaged copy once; BN statistics can differ per process
+        buffers = engine_state.buffer_names()
+        own["model"] = {k: v for k, v in engine["model"].items() if k in buffers}
+        shared.update(engine, averager=averager, model={k: v for k, v in engine["model"].items() if k not in buffers})
+    return own, shared
 
 
-def restore(saved: dict, state, engine_state, sources: dict, same_world: bool) -> None:
+def restore(saved: dict, state, engine_state, sources: dict, same_world: bool, batch_size: int, world: int) -> None:
     engine_state.load_state_dict(saved)
-    load_scheduler_state_dict(state.scheduler, saved["scheduler"])
+    load_scheduler_state_dict(state.scheduler, saved["scheduler"], same_units=same_world)
     state.amp.load_state_dict(saved["amp"])
     if state.averager is not None and saved["averager"] is not None:
+        start = state.averager.start_step  # this run's units: the same fraction of training
         state.averager.load_state_dict(saved["averager"])
+        if not same_world:
+            state.averager.start_step = start
     for name, source in sources.items():
         source.load_state_dict(saved["sources"][name])
-    state.num_updates = saved["position"]["num_updates"]
+    pos = saved["position"]
+    state.num_updates = pos["num_updates"]
+    if not same_world:  # re-count the updates in this world's units, at the same point of training
+        state.num_updates = pos["epoch"] * state.steps_per_epoch + round(pos["samples_in_epoch"] / (batch_size * world))
+        state.scheduler.step_update(num_updates=state.num_updates)
+        state.adjust_lr()
     if same_world:  # another world size has other streams anyway: keep this run's seeds
         rng = saved["rng"]
         torch.set_rng_state(rng["torch"])
@@ -59,7 +72,7 @@ def resume_run(recipe, out, state, engine_state, sources: dict, accelerator) -> 
     from framework.checkpoint import CheckpointError, checkpoint_world_size, load_rank_state, resolve_resume
 
     world = accelerator.num_processes
-    fresh = {"epoch": 0, "step_in_epoch": 0, "world_size": world, "epoch_stats": None, "records": []}
+    fresh = {"epoch": 0, "samples_in_epoch": 0, "epoch_stats": None, "records": []}
     root = out / "checkpoints"  # no links there: checked with the recipe (framework/paths.py)
     choice = [None]
     if accelerator.is_main_process:
@@ -83,14 +96,14 @@ def resume_run(recipe, out, state, engine_state, sources: dict, accelerator) -> 
         sizes = [t.numel() for t in state.averager.avg.tensors()] if state.averager is not None else []
         saved = engine_state.reshard([load_rank_state(path, r) for r in range(old_world)], sizes)
     pos = saved["position"]
-    restore(saved, state, engine_state, sources, same)
+    restore(saved, state, engine_state, sources, same, recipe.data.batch_size, world)
     if accelerator.is_main_process:
         how = "re-cut from every old process's partitions" if engine_state.partitioned else "from rank 0"
         note = "" if same else (f"; world size {world} (was {pos['world_size']}): weights and optimizer {how}, "
                                 "the rest of the epoch's samples re-sharded")
-        print(f"resumed from {choice[0]} at epoch {pos['epoch'] + 1}, step {pos['step_in_epoch']}{note}", flush=True)
+        print(f"resumed from {choice[0]} at epoch {pos['epoch'] + 1}, sample {pos['samples_in_epoch']}{note}", flush=True)
     stats = saved["epoch_stats"] if same else None
     if stats is not None:
         stats["loss_sum"] = stats["loss_sum"].to(accelerator.device)
-    return {"epoch": pos["epoch"], "step_in_epoch": pos["step_in_epoch"], "world_size": pos["world_size"],
-            "epoch_stats": stats, "records": saved["records"]}
+    return {"epoch": pos["epoch"], "samples_in_epoch": pos["samples_in_epoch"], "epoch_stats": stats,
+            "records": saved["records"]}

@@ -31,22 +31,23 @@ def seed_process_streams(seed: int, rank: int) -> None:
 class ShardSampler(DistributedSampler):
     """DistributedSampler(shuffle=True, drop_last=True), and resumable inside an epoch.
 
-    `skip(world, per_rank)` leaves out what `world` processes had drawn when stopped after
-    `per_rank` samples each, so the rest of the epoch is seen exactly once, with this world size
-    or another. With the same world size it continues each process's own sequence exactly.
+    `skip(consumed)` leaves out the epoch's first `consumed` samples, which every process together
+    had drawn when stopped (each process's shard is strided over one permutation), so the rest of
+    the epoch is seen exactly once, with this world size or another. With the same world size it
+    continues each process's own sequence exactly.
     """
 
     def __init__(self, dataset, num_replicas: int, rank: int, seed: int):
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
-        self.consumed: tuple[int, int] | None = None
+        self.consumed = 0
         self._cache: tuple[tuple, list[int]] | None = None  # len() and iter() share one permutation per epoch
 
-    def skip(self, world: int, per_rank: int) -> None:
-        self.consumed = (world, per_rank) if per_rank else None
+    def skip(self, consumed: int) -> None:
+        self.consumed = consumed
 
     def set_epoch(self, epoch: int) -> None:
         super().set_epoch(epoch)
-        self.consumed = None
+        self.consumed = 0
 
     def _order(self) -> list[int]:
         key = (self.epoch, self.consumed)
@@ -57,9 +58,8 @@ class ShardSampler(DistributedSampler):
     def _compute_order(self) -> list[int]:
         g = torch.Generator().manual_seed(self.seed + self.epoch)
         order = torch.randperm(len(self.dataset), generator=g).tolist()
-        if self.consumed is not None:
-            world, k = self.consumed
-            used = set(order[: k * world])  # the first k of each old rank's strided shard
+        if self.consumed:
+            used = set(order[: self.consumed])  # the first k of each old process's strided shard
             order = [i for i in order if i not in used]
         return order[: len(order) - len(order) % self.num_replicas]
 

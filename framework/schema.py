@@ -155,6 +155,8 @@ class CheckpointConfig:
     every: int | None = spec(None, ge=1, doc="checkpoint every N units; SIGTERM always checkpoints")
     unit: Literal["steps", "epochs"] = spec("epochs")
     keep: int = spec(2, ge=1, doc="complete checkpoints kept; older ones go once a newer one is complete")
+    engine_copy: bool = spec(False, doc="DeepSpeed: also write the engine's own checkpoint (for zero_to_fp32.py); "
+                                        "doubles the bytes, and resume never reads it")
 
 
 @dataclass(kw_only=True)

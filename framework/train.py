@@ -15,7 +15,7 @@ from framework.averaging.views import create_view
 from framework.bn import BN_MODES, bn_buffers, swapped
 from framework.bn.sources import create_sources
 from framework.builders import create_accelerator, create_optimizer, create_scheduler
-from framework.checkpoint import save_checkpoint
+from framework.checkpoint import checkpoint_tag, save_checkpoint
 from framework.data import create_datasets, create_loaders
 from framework.engine_state import create_engine_state
 from framework.evaluation import AveragedEval, evaluate, harmonized_bn, isolated_rng
@@ -201,24 +201,30 @@ def train(recipe: Recipe) -> dict:
     logger = create_logger(accelerator, out, recipe_to_dict(recipe), recipe.logging.wandb, recipe.name, resumed["records"])
     records, averaged, bn_stats, ev = resumed["records"], {}, {}, None
     ckpt = recipe.checkpoint
-    steps_per_epoch = len(loaders.train)
+
+    world, batch = accelerator.num_processes, recipe.data.batch_size
+    base = {"samples": 0, "steps": 0}  # where this launch entered the epoch (a resume inside it)
+    saved_at = [-1]
 
     def save(epoch: int, stats: dict | None) -> None:
         in_epoch = stats["steps"] if stats else 0
-        position = {"epoch": epoch, "step_in_epoch": in_epoch, "world_size": accelerator.num_processes}
-        path = save_checkpoint(out / "checkpoints", epoch * steps_per_epoch + in_epoch,
-                               capture(state, engine_state, sources, position, stats, records), accelerator.process_index,
-                               accelerator.num_processes, ckpt.keep, {"epoch": epoch, "step_in_epoch": in_epoch},
-                               write_extra=lambda folder: engine_state.save_engine_checkpoint(folder / "deepspeed"))
+        samples = base["samples"] + (in_epoch - base["steps"]) * batch * world if stats else 0
+        position = {"epoch": epoch, "samples_in_epoch": samples, "step_in_epoch": in_epoch, "world_size": world}
+        own, shared = capture(state, engine_state, sources, position, stats, records)
+        extra = engine_state.save_engine_checkpoint if ckpt.engine_copy else None
+        path = save_checkpoint(out / "checkpoints", checkpoint_tag(epoch, samples), own, accelerator.process_index,
+                               world, ckpt.keep, position, shared=shared if accelerator.is_main_process else None,
+                               write_extra=extra)
+        saved_at[0] = state.num_updates
         if logger is not None:
             print(f"checkpoint: {path}", flush=True)
 
     def on_step(stats: dict) -> bool:
         if control.stop_agreed:
             return True
-        # steps over the whole run, as the checkpoint is named (not within the epoch: an `every` longer than an
-        # epoch would never fire)
-        if ckpt.unit == "steps" and ckpt.every and (epoch * steps_per_epoch + stats["steps"]) % ckpt.every == 0:
+        # optimizer updates over the whole run (an overflowed step is none, so it never saves twice)
+        n = state.num_updates
+        if ckpt.unit == "steps" and ckpt.every and n % ckpt.every == 0 and n != saved_at[0]:
             save(epoch, stats)
         return False
 
@@ -233,14 +239,16 @@ def train(recipe: Recipe) -> dict:
     for epoch in range(resumed["epoch"], recipe.schedule.epochs):
         loaders.train_sampler.set_epoch(epoch)
         stats = None
-        if epoch == resumed["epoch"] and resumed["step_in_epoch"]:
-            loaders.train_sampler.skip(resumed["world_size"], resumed["step_in_epoch"] * recipe.data.batch_size)
-            stats = resumed["epoch_stats"]
+        base.update(samples=0, steps=0)
+        if epoch == resumed["epoch"] and resumed["samples_in_epoch"]:
+            loaders.train_sampler.skip(resumed["samples_in_epoch"])
+            stats = resumed["epoch_stats"]  # None after a world-size change: this launch's counts start afresh
+            base.update(samples=resumed["samples_in_epoch"], steps=stats["steps"] if stats else 0)
         bar = progress_bar(recipe.logging.progress and accelerator.is_main_process, len(loaders.train), epoch + 1)
         stats = train_one_epoch(state, loaders.train, progress=bar, stats=stats, control=control, on_step=on_step)
         if bar is not None:
             bar.close()
-        loaders.train_sampler.skip(0, 0)
+        loaders.train_sampler.skip(0)
         if control.stop_agreed:
             save(epoch, stats)
             if logger is not None:

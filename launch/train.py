@@ -18,6 +18,7 @@ def main(argv: list[str]) -> int:
 
     import torch.distributed as dist
 
+    from framework.checkpoint import CheckpointWriteError
     from framework.errors import print_errors
     from framework.faults import NonFiniteError
     from framework.tracking import LoggerStartError
@@ -32,6 +33,11 @@ def main(argv: list[str]) -> int:
         return 143
     except NonFiniteError as err:
         print_errors([str(err)])
+        _shutdown(dist)
+        return 1
+    except CheckpointWriteError as err:  # every process raises it; the main process names the intact checkpoint
+        if os.environ.get("RANK", "0") == "0":
+            print_errors([str(err)])
         _shutdown(dist)
         return 1
     except LoggerStartError as err:  # every process raises it; one line is enough

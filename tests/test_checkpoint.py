@@ -12,6 +12,7 @@ import torch
 from framework.checkpoint import (
     CheckpointError,
     check_checkpoint,
+    checkpoint_tag,
     decode,
     encode,
     load_rank_state,
@@ -19,6 +20,10 @@ from framework.checkpoint import (
     save_checkpoint,
 )
 from framework.faults import NonFiniteError, StepControl
+
+
+def _tag(n: int) -> str:
+    return checkpoint_tag(0, n)
 
 
 def _state(step: int) -> dict:
@@ -44,28 +49,28 @@ def test_state_round_trips_through_safetensors_and_json():
 
 def test_keep_prunes_only_after_the_next_is_complete(tmp_path):
     for step in (10, 20, 30, 40):
-        save_checkpoint(tmp_path, step, _state(step), rank=0, world_size=1, keep=2, meta={})
-    assert sorted(p.name for p in tmp_path.glob("step-*")) == ["step-000000030", "step-000000040"]
+        save_checkpoint(tmp_path, _tag(step), _state(step), rank=0, world_size=1, keep=2, meta={})
+    assert sorted(p.name for p in tmp_path.glob("epoch-*")) == [_tag(30), _tag(40)]
     assert not list(tmp_path.glob(".tmp-*"))
-    saved = load_rank_state(tmp_path / "step-000000040", rank=0)
+    saved = load_rank_state(tmp_path / _tag(40), rank=0)
     assert torch.equal(saved["model"]["w"], _state(40)["model"]["w"])
 
 
 def test_incomplete_and_corrupt_checkpoints_are_skipped(tmp_path, capsys):
     for step in (1, 2, 3):
-        save_checkpoint(tmp_path, step, _state(step), rank=0, world_size=1, keep=5, meta={})
-    (tmp_path / "step-000000003" / "manifest.json").unlink()  # killed before the manifest: incomplete
-    data = tmp_path / "step-000000002" / "rank0.safetensors"
+        save_checkpoint(tmp_path, _tag(step), _state(step), rank=0, world_size=1, keep=5, meta={})
+    (tmp_path / _tag(3) / "manifest.json").unlink()  # killed before the manifest: incomplete
+    data = tmp_path / _tag(2) / "rank0.safetensors"
     raw = bytearray(data.read_bytes())
     raw[-3] ^= 0xFF  # one flipped bit in the tensor data
     data.write_bytes(bytes(raw))
-    assert "incomplete" in check_checkpoint(tmp_path / "step-000000003")
-    assert "corrupt" in check_checkpoint(tmp_path / "step-000000002")
-    assert resolve_resume("auto", tmp_path).name == "step-000000001"
+    assert "incomplete" in check_checkpoint(tmp_path / _tag(3))
+    assert "corrupt" in check_checkpoint(tmp_path / _tag(2))
+    assert resolve_resume("auto", tmp_path).name == _tag(1)
     out = capsys.readouterr().out
-    assert "skipping checkpoint" in out and "step-000000002" in out and "step-000000003" in out
+    assert "skipping checkpoint" in out and _tag(2) in out and _tag(3) in out
     with pytest.raises(CheckpointError, match="corrupt"):
-        resolve_resume(str(tmp_path / "step-000000002"), tmp_path)
+        resolve_resume(str(tmp_path / _tag(2)), tmp_path)
     assert resolve_resume("never", tmp_path) is None
 
 
@@ -81,7 +86,7 @@ def test_a_crafted_pickle_is_refused_and_never_runs(tmp_path, monkeypatch):
     evil.write_bytes(pickle.dumps(_Evil()))
     with pytest.raises(CheckpointError, match="refusing a pickle"):
         resolve_resume(str(evil), tmp_path)
-    ckpt = save_checkpoint(tmp_path / "ck", 1, _state(1), rank=0, world_size=1, keep=1, meta={})
+    ckpt = save_checkpoint(tmp_path / "ck", _tag(1), _state(1), rank=0, world_size=1, keep=1, meta={})
     (ckpt / "optimizer.pt").write_bytes(pickle.dumps(_Evil()))  # a pickle slipped into a checkpoint
     with pytest.raises(CheckpointError, match="refusing to load a pickle"):
         load_rank_state(ckpt, rank=0)
@@ -157,3 +162,38 @@ def test_zero_partitions_are_re_cut_for_another_world_size():
         assert new["optimizer"]["loss_scaler"] == {"cur_scale": 1.0} and new["averager"]["n"] == 4
         expected = _partition(avg, lay, "averaged", avg_sizes)
         assert all(torch.equal(new["averager"]["tensors"][f"t{j}"], t) for j, t in enumerate(expected))
+
+
+@pytest.fixture
+def small_filesystem(tmp_path):
+    """A 6 MB tmpfs: room for one checkpoint of test_resnet (weights, momentum, averaged copy), not two."""
+    import subprocess
+
+    mount = tmp_path / "small"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(mount)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here (needs root with CAP_SYS_ADMIN): {done.stderr.strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+@pytest.mark.slow
+def test_a_full_disk_ends_the_run_with_one_line_and_keeps_the_last_checkpoint(small_filesystem):
+    import subprocess
+    import sys
+
+    from conftest import ENTRY, ROOT, clean_env
+
+    out = small_filesystem / "run"
+    proc = subprocess.run([sys.executable, str(ENTRY), str(ROOT / "recipes" / "quickstart.yaml"), "model.name=test_resnet",
+                           "schedule.epochs=3", "checkpoint.every=1", "logging.wandb.mode=disabled", f"output.dir={out}"],
+                          cwd=small_filesystem, env=clean_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    first = out / "checkpoints" / checkpoint_tag(1, 0)
+    lines = [line for line in proc.stderr.splitlines() if "could not be written" in line]
+    assert len(lines) == 1, proc.stderr
+    assert f"checkpoint {out / 'checkpoints' / checkpoint_tag(2, 0)} could not be written" in lines[0]
+    assert "No space left on device" in lines[0] and f"newest intact checkpoint: {first}" in lines[0]
+    assert [p.name for p in (out / "checkpoints").iterdir()] == [first.name]  # no partial folder left
+    assert check_checkpoint(first) is None

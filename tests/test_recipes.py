@@ -137,7 +137,7 @@ def test_catalogue_is_large_enough():
     assert Path(ENTRY).is_file()
 
 
-@pytest.mark.parametrize("link", ["metrics.jsonl", "checkpoints", "checkpoints/step-000000001"])
+@pytest.mark.parametrize("link", ["metrics.jsonl", "checkpoints", "checkpoints/epoch-00001-sample-000000000"])
 def test_a_symlink_in_output_dir_is_refused_before_anything_is_written(tmp_path, link):
     (tmp_path / "r.yaml").write_text(GOOD)
     out, outside = tmp_path / "out", tmp_path / "outside"
