@@ -66,7 +66,14 @@ def train_main(argv: list[str]) -> int:
     if not argv:
         print_errors([USAGE])
         return USER_ERROR
-    load_or_exit(argv)  # one line per problem and exit 2; nothing written, nothing launched
+    recipe = load_or_exit(argv)  # one line per problem and exit 2; nothing written, nothing launched
+    from framework.output_lock import OutputBusy, check_output_free
+
+    try:
+        check_output_free(Path(recipe.output.dir))  # the workers take the lock; refuse here, before any launch
+    except OutputBusy as err:
+        print_errors([str(err)])
+        return USER_ERROR
     import torch
 
     try:

@@ -16,6 +16,26 @@ def main(argv: list[str]) -> int:
 
     recipe = load_or_exit(argv, quiet_rank=os.environ.get("LOCAL_RANK", "0") != "0")
 
+    from framework.errors import print_errors
+    from framework.output_lock import OutputBusy, OutputLock
+    from framework.watchdog import watch_launcher
+
+    lock = None
+    if os.environ.get("RANK", "0") == "0":  # before any process group: the others are stopped by the launcher
+        try:
+            lock = OutputLock(recipe.output.dir).acquire()
+        except OutputBusy as err:
+            print_errors([str(err)])
+            return 2
+    watch_launcher()
+    try:
+        return _run(recipe)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run(recipe) -> int:
     import torch.distributed as dist
 
     from framework.checkpoint import CheckpointWriteError

@@ -182,3 +182,58 @@ def test_a_killed_process_is_named_by_the_survivor(tmp_path):
     assert proc.returncode != 0
     assert "error: rank 0: lost contact with another process during a collective: rank 1 stopped responding" in stderr, [
         line for line in stderr.splitlines() if "rror" in line]
+
+
+def test_workers_whose_launcher_is_killed_stop_and_a_relaunch_resumes_exactly(reference_run, tmp_path):
+    """torch elastic gives each worker its own session: SIGKILL to the launcher's whole process group left
+    them training as orphans, beside the relaunch (epochs written twice). Now they notice, agree on a stop,
+    checkpoint and exit, within 30 s; the relaunch resumes from that checkpoint bit-identically."""
+    import os
+
+    out = tmp_path / "run"
+    proc = start_launch(ARGS, out)
+    workers = wait_workers(proc)
+    time.sleep(random.Random(5).uniform(9.0, 12.0))
+    proc.send_signal(signal.SIGKILL)  # the launcher; its workers are in sessions of their own
+    t0 = time.time()
+    gone, alive = psutil.wait_procs(workers, timeout=30)
+    assert not alive, f"{len(alive)} worker(s) still running 30 s after the launcher died"
+    print(f"workers gone {time.time() - t0:.1f} s after the launcher was killed")
+    stdout, _ = proc.communicate(timeout=30)
+    assert "the launcher (process" in stdout and "is gone" in stdout, stdout[-2000:]
+
+    resumed = launch([*ARGS, f"output.dir={out}"], nproc=2, cwd=tmp_path)
+    check_ok(resumed)
+    assert "resumed from" in resumed.stdout
+    assert [r["epoch"] for r in read_metrics(out)] == [1, 2]  # one record per epoch
+    for kind in ("online", "averaged"):
+        x, y = load_file(reference_run / f"model_{kind}.safetensors"), load_file(out / f"model_{kind}.safetensors")
+        assert all(torch.equal(x[k], y[k]) for k in x), kind
+
+
+def test_an_output_dir_held_by_a_live_run_is_refused_before_anything_starts(tmp_path, capsys):
+    """A live holder (this test process holds the lock a run's main process takes) is named; nothing is launched."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ENTRY, ROOT, clean_env
+
+    from framework.output_lock import OutputLock
+
+    out = tmp_path / "run"
+    lock = OutputLock(out).acquire()
+    try:
+        recipe = [str(ROOT / "recipes" / "quickstart.yaml"), f"output.dir={out}"]
+        for cmd in ([sys.executable, "-m", "framework", "train", *recipe], [sys.executable, str(ENTRY), *recipe]):
+            proc = subprocess.run(cmd, cwd=tmp_path, env=clean_env(), capture_output=True, text=True, timeout=120)
+            assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+            assert f"process {os.getpid()}" in proc.stderr and "in use by a live run (host" in proc.stderr
+            assert sorted(p.name for p in out.iterdir()) == [".lock"]  # nothing written
+    finally:
+        lock.release()
+    # The holder died without releasing: its line is left, the lock is free, and the next run takes over
+    (out / ".lock").write_text("host elsewhere, process 1, since yesterday\n")
+    OutputLock(out).acquire().release()
+    assert "taking over the lock of a run that ended without releasing it (host elsewhere" in capsys.readouterr().out
+    assert (out / ".lock").read_text() == ""  # released cleanly: no holder line
