@@ -18,8 +18,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def hand_written_steps(model, optimizer, accelerator, loader, steps: int) -> float:
-    """The loop every Accelerate tutorial shows, nothing more. Returns seconds."""
+def hand_written_steps(model, optimizer, accelerator, loader, steps: int, autocast, scaler) -> float:
+    """The loop every Accelerate and torch.amp tutorial shows, nothing more. Returns seconds."""
     import torch.nn.functional as F
 
     from framework.train import _sync
@@ -31,11 +31,16 @@ def hand_written_steps(model, optimizer, accelerator, loader, steps: int) -> flo
         if i == steps:
             break
         images, targets = images.to(accelerator.device), targets.to(accelerator.device)
-        with accelerator.autocast():
+        with autocast():
             loss = F.cross_entropy(model(images), targets)
         optimizer.zero_grad(set_to_none=True)
-        accelerator.backward(loss)
-        optimizer.step()
+        if scaler is None:
+            accelerator.backward(loss)
+            optimizer.step()
+        else:
+            accelerator.backward(scaler.scale(loss))
+            scaler.step(optimizer)
+            scaler.update()
     _sync(accelerator.device)
     return time.perf_counter() - start
 
@@ -55,6 +60,7 @@ def main() -> int:
     import torch.distributed as dist
     from accelerate.utils import set_seed
 
+    from framework.amp import create_precision
     from framework.averaging.views import create_view
     from framework.builders import create_accelerator, create_optimizer, create_scheduler
     from framework.data import create_datasets, create_loaders
@@ -62,8 +68,8 @@ def main() -> int:
     from framework.models import create_model
     from framework.train import TrainState, create_averaging, train_one_epoch
 
-    accelerator, _ = create_accelerator(recipe.backend, recipe.data.batch_size, recipe.optimizer.clip_grad,
-                                        recipe.faults.collective_timeout_s)
+    accelerator, precision = create_accelerator(recipe.backend, recipe.data.batch_size, recipe.optimizer.clip_grad,
+                                                recipe.faults.collective_timeout_s)
     set_seed(recipe.seed)
     ours, _ = create_model(recipe.model, recipe.data.image_size)
     theirs = copy.deepcopy(ours)
@@ -79,6 +85,9 @@ def main() -> int:
     state = TrainState(ours, opt_ours, create_scheduler(recipe.schedule, opt_ours, len(loaders.train)), accelerator,
                        recipe.optimizer.clip_grad, next(accelerator.unwrap_model(ours).parameters()).dtype, averager,
                        len(loaders.train))
+    deepspeed, scale = recipe.backend.type == "deepspeed", recipe.backend.loss_scale
+    state.amp = create_precision(precision, deepspeed, accelerator.device, scale.init, scale.growth_interval)
+    plain = create_precision(precision, deepspeed, accelerator.device, scale.init, scale.growth_interval)
     steps = min(args.steps, len(loaders.train))
     images_per_block = steps * recipe.data.batch_size * accelerator.num_processes
 
@@ -88,7 +97,7 @@ def main() -> int:
         return train_one_epoch(state, loaders.train, max_steps=steps, control=control)["seconds"]
 
     def run_theirs() -> float:
-        return hand_written_steps(theirs, opt_theirs, accelerator, loaders.train, steps)
+        return hand_written_steps(theirs, opt_theirs, accelerator, loaders.train, steps, plain.autocast, plain.scaler)
 
     run_ours(), run_theirs()  # warm-up: allocator, kernels, caches
     ratios, ours_ips, theirs_ips = [], [], []
@@ -104,7 +113,7 @@ def main() -> int:
     if accelerator.is_main_process:
         print(f"averaging {recipe.averaging.strategy} from step {averager.start_step if averager else '-'}, "
               f"{averager.n if averager else 0} updates timed in")
-        print(f"model {recipe.model.name}, data {recipe.data.source} {recipe.data.image_size}px, batch {recipe.data.batch_size}"
+        print(f"model {recipe.model.name} ({precision}), data {recipe.data.source} {recipe.data.image_size}px, batch {recipe.data.batch_size}"
               f" x {accelerator.num_processes} processes on {accelerator.device.type}, {args.rounds} rounds x {steps} steps")
         print(f"framework     : {statistics.median(ours_ips):9.1f} images/s (median)")
         print(f"hand-written  : {statistics.median(theirs_ips):9.1f} images/s (median)")

@@ -188,7 +188,6 @@ def test_workers_whose_launcher_is_killed_stop_and_a_relaunch_resumes_exactly(re
     """torch elastic gives each worker its own session: SIGKILL to the launcher's whole process group left
     them training as orphans, beside the relaunch (epochs written twice). Now they notice, agree on a stop,
     checkpoint and exit, within 30 s; the relaunch resumes from that checkpoint bit-identically."""
-    import os
 
     out = tmp_path / "run"
     proc = start_launch(ARGS, out)
