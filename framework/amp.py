@@ -9,6 +9,8 @@ moves. Anything else non-finite goes to `faults.nonfinite`.
 
 Under DeepSpeed the engine casts the model, scales the loss and steps inside `backward`; an
 overflow is a step the engine did not apply (`was_step_applied()`), counted the same way.
+Either way the verdict stays on the device until the per-step check reads it with its own flags
+(one host read per step, as GradScaler.step itself makes).
 """
 
 from __future__ import annotations
@@ -38,28 +40,29 @@ class MixedPrecision:
     def scale(self, loss: torch.Tensor) -> torch.Tensor:
         return self.scaler.scale(loss) if self.scaler is not None else loss
 
-    def unscale(self, optimizer, loss: torch.Tensor) -> bool:
-        """After backward: unscale the gradients in place. True when the step overflowed in the
-        scaler's sense (to be skipped and counted, not judged by `faults.nonfinite`)."""
+    def unscale(self, optimizer, loss: torch.Tensor) -> torch.Tensor | None:
+        """After backward: unscale the gradients in place. On the device (no host sync), whether the
+        step overflowed in the scaler's sense: to be skipped and counted, not judged by `faults.nonfinite`.
+        None without a scaler."""
         if self.scaler is None:
-            return False
+            return None
         self.scaler.unscale_(optimizer)
-        found = sum(v.item() for v in self.scaler._found_inf_per_device(optimizer).values())
+        found = sum(self.scaler._found_inf_per_device(optimizer).values())
         # A non-finite loss, or gradients that overflow even unscaled (scale <= 1), are divergence.
-        return bool(found) and bool(torch.isfinite(loss.detach()).all()) and self.scaler.get_scale() > 1.0
+        # (`_scale` is the scale on the device; get_scale() would read it back to the host.)
+        return (found > 0) & torch.isfinite(loss.detach()).all() & (self.scaler._scale > 1.0)
 
     def step(self, optimizer, apply: bool) -> None:
-        """Apply the update (`apply`) or not; the scaler then updates its scale either way."""
-        if self.scaler is None:
-            if apply:
-                optimizer.step()
-            return
+        """Apply the update (`apply`) or not; the scaler then updates its scale either way (on the device).
+        The step is decided already: GradScaler.step would read its inf flags back to the host again."""
         if apply:
-            self.scaler.step(optimizer)  # skips by itself if any gradient is non-finite
-        self.scaler.update()
+            optimizer.step()
+        if self.scaler is not None:
+            self.scaler.update()
 
-    def after_backward(self, engine) -> bool:
-        return False
+    def overflowed(self, verdict: torch.Tensor | None) -> bool:
+        """The scaler's verdict read on the host (when no per-step check reads it along with its own flags)."""
+        return verdict is not None and bool(verdict)
 
     @property
     def can_overflow(self) -> bool:
@@ -82,17 +85,19 @@ class MixedPrecision:
 class EnginePrecision(MixedPrecision):
     """DeepSpeed: the engine owns casting and scaling (its scaler's state is in the engine's checkpoint part)."""
 
-    def __init__(self, precision: str, device: torch.device):
+    def __init__(self, precision: str, device: torch.device, engine):
         super().__init__("fp32", device)
-        self.precision = precision
+        self.precision, self.engine = precision, engine
 
     @property
     def can_overflow(self) -> bool:
         return self.precision == "fp16"
 
-    def after_backward(self, engine) -> bool:
-        """The engine stepped inside backward: True when it skipped that step for an overflow."""
-        return self.precision == "fp16" and not engine.was_step_applied()
+    def unscale(self, optimizer, loss: torch.Tensor) -> torch.Tensor | None:
+        """The engine stepped inside backward (and unscaled): whether it skipped that step for an overflow."""
+        if self.precision != "fp16":
+            return None
+        return torch.tensor(not self.engine.was_step_applied(), device=self.device)
 
     def step(self, optimizer, apply: bool) -> None:
         if apply:
@@ -104,8 +109,9 @@ def deepspeed_fp16_config(init_scale: float, growth_interval: int) -> dict:
     return {"loss_scale": 0, "initial_scale_power": int(math.log2(init_scale)), "loss_scale_window": growth_interval}
 
 
-def create_precision(precision: str, deepspeed: bool, device: torch.device, init_scale: float,
+def create_precision(precision: str, engine, device: torch.device, init_scale: float,
                      growth_interval: int) -> MixedPrecision:
-    if deepspeed:
-        return EnginePrecision(precision, device)
+    """`engine`: the DeepSpeed engine (accelerator.prepare's model), or None under DDP."""
+    if engine is not None:
+        return EnginePrecision(precision, device, engine)
     return MixedPrecision(precision, device, init_scale, growth_interval)

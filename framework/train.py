@@ -111,9 +111,12 @@ def train_one_epoch(state: TrainState, loader, max_steps: int | None = None, pro
             loss = F.cross_entropy(model(images), targets)
         opt.zero_grad(set_to_none=True)
         acc.backward(amp.scale(loss))
-        overflow = amp.unscale(opt, loss) or amp.after_backward(model)  # gradients are unscaled from here on
-        checked = control is None or control.check(loss, model.parameters(), state.num_updates + 1, state.bn_buffers,
-                                                   grads=not overflow)
+        verdict = amp.unscale(opt, loss)  # gradients are unscaled from here on
+        if control is not None:  # one host read per step: the scaler's verdict, non-finite values, stop requests
+            checked = control.check(loss, model.parameters(), state.num_updates + 1, state.bn_buffers, verdict)
+            overflow = control.overflow
+        else:
+            checked, overflow = True, amp.overflowed(verdict)
         apply = checked and not overflow
         if apply and state.clip_grad is not None:
             acc.clip_grad_norm_(model.parameters(), state.clip_grad)
@@ -133,6 +136,8 @@ def train_one_epoch(state: TrainState, loader, max_steps: int | None = None, pro
             progress.update(1)
         if on_step is not None and on_step(stats):
             break
+    if control is not None:
+        control.resolve()  # the last step's deferred flags: before evaluation, checkpoints, exports
     _sync(acc.device)
     stats["seconds"] += time.perf_counter() - start
     return stats
@@ -186,7 +191,8 @@ def train(recipe: Recipe) -> dict:
     averager, sources, export_source, bn_report = create_averaging(recipe, module, view, len(loaders.train))
     live_bn = bn_buffers(module)
     scale = recipe.backend.loss_scale
-    amp = create_precision(precision, recipe.backend.type == "deepspeed", device, scale.init, scale.growth_interval)
+    engine = model if recipe.backend.type == "deepspeed" else None
+    amp = create_precision(precision, engine, device, scale.init, scale.growth_interval)
     state = TrainState(model, optimizer, scheduler, accelerator, recipe.optimizer.clip_grad, dtype, averager,
                        len(loaders.train), live_bn, amp=amp)
     avg_eval = AveragedEval(module, view, live_bn, bn_mode, loaders.train, recipe.bn.recompute_batches, device,
@@ -194,7 +200,9 @@ def train(recipe: Recipe) -> dict:
     evaluate_live = lambda: evaluate(module, loaders.val, device, recipe.model.num_classes, amp.autocast, dtype)  # noqa: E731
 
     out = Path(recipe.output.dir)
-    control = StepControl(recipe.faults.nonfinite, recipe.faults.max_consecutive_skips, device)
+    # Nothing is refused under `raise` without a loss scaler: its flags are read a step later, without a stall
+    control = StepControl(recipe.faults.nonfinite, recipe.faults.max_consecutive_skips, device,
+                          deferred=not amp.can_overflow)
     control.install_signal_handlers()
     engine_state = create_engine_state(accelerator, model, optimizer)
     resumed = resume_run(recipe, out, state, engine_state, sources, accelerator)
@@ -207,6 +215,7 @@ def train(recipe: Recipe) -> dict:
     saved_at = [-1]
 
     def save(epoch: int, stats: dict | None) -> None:
+        control.resolve()  # a non-finite step is never checkpointed
         in_epoch = stats["steps"] if stats else 0
         samples = base["samples"] + (in_epoch - base["steps"]) * batch * world if stats else 0
         position = {"epoch": epoch, "samples_in_epoch": samples, "step_in_epoch": in_epoch, "world_size": world}

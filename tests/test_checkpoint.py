@@ -93,6 +93,37 @@ def test_a_crafted_pickle_is_refused_and_never_runs(tmp_path, monkeypatch):
     assert not marker.exists()
 
 
+def test_an_overflow_verdict_is_the_scalers_and_divergence_is_still_caught():
+    p = torch.nn.Parameter(torch.ones(3))
+    p.grad = torch.tensor([1.0, float("inf"), 2.0])  # unscaled gradients of an overflowed fp16 step
+    control = StepControl("raise", 0, torch.device("cpu"))
+    assert not control.check(torch.tensor(0.5), [p], 1, overflow=torch.tensor(True)) and control.overflow
+    assert control.skipped == 0  # not judged: the scaler skips it
+    with pytest.raises(NonFiniteError, match="non-finite loss"):  # a non-finite loss is no overflow
+        control.check(torch.tensor(float("nan")), [p], 2, overflow=torch.tensor(False))
+    with pytest.raises(NonFiniteError):  # nor are infinite gradients the scaler did not claim
+        control.check(torch.tensor(0.5), [p], 3, overflow=torch.tensor(False))
+
+
+def test_deferred_control_reads_a_step_late_and_raises_before_anything_is_kept():
+    """Under `raise` without a loss scaler the flags of step t are read at step t+1 (no GPU stall) or at
+    resolve(), which runs before every checkpoint, evaluation and export."""
+    p = torch.nn.Parameter(torch.ones(3))
+    p.grad = torch.ones(3)
+    control = StepControl("raise", 0, torch.device("cpu"), deferred=True)
+    assert control.check(torch.tensor(float("nan")), [p], step=7)  # not read yet
+    with pytest.raises(NonFiniteError, match="at step 7"):
+        control.resolve()
+    control.check(torch.tensor(float("nan")), [p], step=8)
+    with pytest.raises(NonFiniteError, match="at step 8"):
+        control.check(torch.tensor(1.0), [p], step=9)  # the next step reads it
+    control.stop_requested = True
+    assert control.check(torch.tensor(1.0), [p], step=10) and not control.stop_agreed
+    control.resolve()
+    assert control.stop_agreed
+    assert not StepControl("skip", 0, torch.device("cpu"), deferred=True).deferred  # a refusal must wait
+
+
 def test_step_control_refuses_non_finite_steps():
     p = torch.nn.Parameter(torch.ones(3))
     p.grad = torch.ones(3)
