@@ -142,14 +142,14 @@ def test_recompute_keeps_statistics_of_an_unreached_layer():
     assert not torch.equal(model.used.running_mean, torch.zeros(4))
 
 
-LAUNCHES = [  # what in-process runs cannot show: gloo SyncBatchNorm across 2 processes, and DeepSpeed
-    ("test_coatnet", 64, "swa", "sync", [], True),
+LAUNCHES = [  # what in-process runs cannot show: gloo SyncBatchNorm across 2 processes (in bf16), and DeepSpeed
+    ("test_coatnet", 64, "swa", "sync", ["backend.precision=bf16"], True),
     ("test_vit", 48, "ema", "reduce", ["backend.type=deepspeed", "backend.zero_stage=3"], False),
     ("test_efficientnet", 32, "swa", "local", ["backend.type=deepspeed", "backend.zero_stage=2"], True),
 ]
 
 
-@pytest.mark.parametrize("model,size,strategy,mode,args,has_bn", LAUNCHES, ids=["ddp-coatnet", "zero3-vit", "zero2-efficientnet"])
+@pytest.mark.parametrize("model,size,strategy,mode,args,has_bn", LAUNCHES, ids=["ddp-bf16-coatnet", "zero3-vit", "zero2-efficientnet"])
 def test_two_process_families(tmp_path, model, size, strategy, mode, args, has_bn):
     out = tmp_path / "run"
     proc = launch([str(ROOT / "recipes" / "quickstart.yaml"), "logging.wandb.mode=disabled",
@@ -157,6 +157,7 @@ def test_two_process_families(tmp_path, model, size, strategy, mode, args, has_b
     check_ok(proc)
     s = read_summary(out)
     assert s["world_size"] == 2 and s["averaging"]["updates"] > 0
+    assert s["precision"] == ("bf16" if "backend.precision=bf16" in args else "fp32")  # CPU autocast under DDP
     assert list(s["eval"]["averaged"]) == (BN_SOURCES if has_bn else ["none"])
     digests = s["averaging"]["recompute_bn_sha256_per_rank"]
     assert len(digests) == 2 and digests[0] == digests[1]
