@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from framework.sampling import EpochTagged, SeededAugmentation, ShardSampler
 from framework.schema import DataConfig
@@ -107,14 +107,16 @@ class Pipeline:
     crop_pct: float
 
 
-def resolve_pipeline(cfg: DataConfig, model, pretrained: bool) -> Pipeline:
-    """Normalisation from the recipe, else the model's pretrained config. Interpolation and eval crop
-    from the recipe, else the pretrained config when the weights are pretrained; a model trained from
-    scratch here has no evaluation protocol of its own, so it sees the whole image, bilinear."""
+def resolve_pipeline(cfg: DataConfig, model, pretrained: bool, stats: tuple | None = None) -> Pipeline:
+    """Normalisation from the recipe, else the dataset's own `stats` (mean, std) when training from
+    scratch, else the model's pretrained config. Interpolation and eval crop from the recipe, else the
+    pretrained config when the weights are pretrained; a model trained from scratch here has no
+    evaluation protocol of its own, so it sees the whole image, bilinear."""
     pcfg = getattr(model, "pretrained_cfg", {}) or {}
+    own_mean, own_std = stats if stats is not None and not pretrained else (None, None)
     return Pipeline(
-        mean=tuple(cfg.mean or pcfg.get("mean", (0.485, 0.456, 0.406))),
-        std=tuple(cfg.std or pcfg.get("std", (0.229, 0.224, 0.225))),
+        mean=tuple(cfg.mean or own_mean or pcfg.get("mean", (0.485, 0.456, 0.406))),
+        std=tuple(cfg.std or own_std or pcfg.get("std", (0.229, 0.224, 0.225))),
         interpolation=cfg.interpolation or (pcfg.get("interpolation", "bilinear") if pretrained else "bilinear"),
         crop_pct=cfg.crop_pct or (pcfg.get("crop_pct", 1.0) if pretrained else 1.0),
     )
@@ -142,8 +144,10 @@ def create_datasets(cfg: DataConfig, model, num_classes: int, in_chans: int, see
         return make(cfg.synthetic_train_size, seed), make(cfg.synthetic_val_size, seed + 1)
     from timm.data import create_dataset, create_transform
 
-    root = ensure_digits_folder(Path(cfg.root) if cfg.root else None) if cfg.source == "digits" else Path(cfg.root)
-    p = resolve_pipeline(cfg, model, pretrained)
+    from framework import fashion_mnist
+
+    stats = (fashion_mnist.MEAN * in_chans, fashion_mnist.STD * in_chans) if cfg.source == "fashion_mnist" else None
+    p = resolve_pipeline(cfg, model, pretrained, stats)
     aug = cfg.augment
     train_tf = create_transform(
         cfg.image_size, is_training=True, scale=tuple(aug.scale), ratio=tuple(aug.ratio), hflip=aug.hflip,
@@ -151,13 +155,25 @@ def create_datasets(cfg: DataConfig, model, num_classes: int, in_chans: int, see
     )
     eval_tf = create_transform(cfg.image_size, is_training=False, crop_pct=p.crop_pct, interpolation=p.interpolation,
                                mean=p.mean, std=p.std)
+    if cfg.source == "fashion_mnist":
+        train, val = fashion_mnist.create_fashion_mnist(cfg.root, default_cache_dir(), train_tf, eval_tf, in_chans)
+        return fixed_subset(train, cfg.train_subset), val
+    root = ensure_digits_folder(Path(cfg.root) if cfg.root else None) if cfg.source == "digits" else Path(cfg.root)
     mode = "L" if in_chans == 1 else "RGB"
     # timm numbers each split's folders on its own: a split missing a class would shift later labels
     classes = folder_class_map(root, cfg.train_split, cfg.class_map)
     train = create_dataset("", root=str(root), split=cfg.train_split, is_training=True, input_img_mode=mode,
                            transform=train_tf, class_map=classes)
     val = create_dataset("", root=str(root), split=cfg.val_split, input_img_mode=mode, transform=eval_tf, class_map=classes)
-    return train, val
+    return fixed_subset(train, cfg.train_subset), val
+
+
+def fixed_subset(dataset: Dataset, size: int | None) -> Dataset:
+    """The same `size` training images for every run and seed: the first of a permutation fixed by seed 0."""
+    if size is None or size >= len(dataset):
+        return dataset
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:size]
+    return Subset(dataset, sorted(order.tolist()))
 
 
 def create_loaders(cfg: DataConfig, train_ds, val_ds, rank: int, world_size: int, seed: int, pin_memory: bool) -> Loaders:

@@ -129,7 +129,11 @@ def _check_semantics(r: Recipe, errors: list[str]) -> None:
                     errors.append(f"data.root = {d.root!r}: folder {Path(d.root) / split} not found (data.{'train' if split == d.train_split else 'val'}_split = {split!r})")
             if not missing:
                 _check_classes(r, errors)
-    elif d.class_map is not None:
+    elif d.source == "fashion_mnist":
+        from framework.fashion_mnist import check_files
+
+        check_files(d.root, errors)
+    if d.source != "folder" and d.class_map is not None:
         errors.append(f"data.class_map = {d.class_map!r}: only with data.source = 'folder' (got {d.source!r})")
     for key, pair in (("scale", d.augment.scale), ("ratio", d.augment.ratio)):
         if len(pair) != 2 or not 0 < pair[0] <= pair[1]:

@@ -46,8 +46,10 @@ class AugmentConfig:
 
 @dataclass(kw_only=True)
 class DataConfig:
-    source: Literal["digits", "folder", "synthetic"] = spec("digits")
-    root: str | None = spec(None, doc="image folder with train/ and val/ (source=folder); cache dir (digits)")
+    source: Literal["digits", "fashion_mnist", "folder", "synthetic"] = spec("digits")
+    root: str | None = spec(None, doc="image folder with train/ and val/ (folder); cache dir (digits); "
+                                      "the four IDX files (fashion_mnist; default: Debian's dataset-fashion-mnist)")
+    train_subset: int | None = spec(None, ge=1, doc="train on a fixed subset of N images (the same in every run and seed)")
     train_split: str = spec("train")
     val_split: str = spec("val")
     image_size: int = spec(32, ge=8)

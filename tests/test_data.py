@@ -85,3 +85,54 @@ def test_with_workers_a_resumed_epoch_repeats_the_interrupted_one_bitwise(digits
     assert not torch.equal(other_epoch_x, head_x)  # augmentation still differs between epochs
     one_worker = DataConfig(batch_size=16, image_size=32, workers=1, augment=AugmentConfig(color_jitter=0.4))
     assert torch.equal(_batches(one_worker, train_ds, val_ds, epoch=2, limit=5)[0], head_x)
+
+
+def _fashion_mnist_or_skip():
+    from framework.fashion_mnist import DEBIAN_ROOT, missing_files
+
+    if missing_files(None):  # .ci/run installs it (as root); elsewhere: apt-get install dataset-fashion-mnist
+        pytest.skip(f"Fashion-MNIST IDX files not in {DEBIAN_ROOT} (Debian package dataset-fashion-mnist)")
+
+
+def test_fashion_mnist_reads_the_debian_files_through_timm(tmp_path, monkeypatch):
+    import torch
+
+    from framework.fashion_mnist import ensure_raw_folder
+
+    _fashion_mnist_or_skip()
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    cfg = DataConfig(source="fashion_mnist", image_size=28, augment=AugmentConfig(scale=[1.0, 1.0], hflip=0.0))
+    model = timm.create_model("test_resnet", num_classes=10, in_chans=1)
+    train, val = create_datasets(cfg, model, 10, 1, seed=0)
+    assert (len(train), len(val)) == (60000, 10000)  # the fixed validation split: all 10,000 test images
+    image, label = val[0]
+    assert image.shape == (1, 28, 28) and label == 9  # the first test image is an ankle boot
+    assert abs(image.mean().item() - (0.0 - 0.2860) / 0.3530) < 3  # normalised with the dataset's own statistics
+    assert Counter(int(val.targets[i]) for i in range(10000)) == Counter({c: 1000 for c in range(10)})
+    rgb = create_datasets(cfg, timm.create_model("test_resnet", num_classes=10), 10, 3, seed=0)[1]
+    assert torch.equal(rgb[0][0][0], rgb[0][0][2])  # greyscale shown to a 3-channel model
+    raw = tmp_path / "cache" / "bnswa" / "fashion-mnist-v1" / "FashionMNIST" / "raw"
+    assert sorted(p.name for p in raw.iterdir()) == sorted(f"{s}-{k}-idx{n}-ubyte" for s in ("train", "t10k")
+                                                           for k, n in (("images", 3), ("labels", 1)))
+    assert not list(raw.parents[1].parent.glob(".fashion-mnist-*"))  # no temporary folder left
+    assert ensure_raw_folder(None, tmp_path / "cache" / "bnswa") == raw.parents[1]  # written once
+
+
+def test_a_training_subset_is_the_same_for_every_run_and_seed(digits_root):
+    cfg = DataConfig(source="digits", root=str(digits_root.parent), train_subset=100)
+    model = timm.create_model("test_resnet", num_classes=10)
+    a = create_datasets(cfg, model, 10, 3, seed=0)[0]
+    b = create_datasets(cfg, model, 10, 3, seed=5)[0]
+    assert len(a) == 100 and a.indices == b.indices and len(set(a.indices)) == 100
+
+
+def test_missing_fashion_mnist_files_are_a_one_line_validation_error(tmp_path):
+    from conftest import ROOT
+
+    from framework.errors import RecipeError
+    from framework.recipe import resolve_recipe
+
+    with pytest.raises(RecipeError) as err:
+        resolve_recipe(ROOT / "recipes" / "quickstart.yaml", ["data.source=fashion_mnist", f"data.root={tmp_path}"])
+    line = next(e for e in err.value.errors if e.startswith("data.root"))
+    assert "train-images-idx3-ubyte.gz" in line and "apt-get install dataset-fashion-mnist" in line
