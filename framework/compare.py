@@ -134,7 +134,32 @@ def plot(keys: list[str], rows: list[dict], out: Path) -> list[Path]:
     paths.append(out / "throughput.png")
     fig.savefig(paths[1], dpi=110)
     plt.close(fig)
+    paths += _plot_sources(plt, keys, rows, out)
     return paths
+
+
+def _plot_sources(plt, keys: list[str], rows: list[dict], out: Path) -> list[Path]:
+    """Final averaged top-1 under each BN source, per configuration: mean over seeds, error bar one std."""
+    sources = [s for s in BN_SOURCES if any(v is not None for row in rows for v in row["values"].get(f"avg+{s} top1", []))]
+    if not sources:
+        return []
+    fig, ax = plt.subplots(figsize=(max(7.0, 1.3 * len(rows)), 4.5))
+    width = 0.8 / len(sources)
+    for i, source in enumerate(sources):
+        values = [[v for v in row["values"][f"avg+{source} top1"] if v is not None] for row in rows]
+        means = [statistics.fmean(v) if v else 0.0 for v in values]
+        stds = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in values]
+        ax.bar([x + (i - (len(sources) - 1) / 2) * width for x in range(len(rows))], means, width, yerr=stds,
+               capsize=2, label=source)
+    ax.set_xticks(range(len(rows)), [_label(keys, row["key"]) for row in rows], rotation=30, ha="right", fontsize=7)
+    ax.set(title="averaged weights: final top-1 per BN source (mean ± std over seeds)", ylabel="top-1 (%)")
+    ax.legend(fontsize=7, ncol=len(sources))
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    path = out / "averaged_top1_per_source.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]
 
 
 def compare(run_dirs: list[Path], out: Path) -> tuple[str, list[str], list[dict], list[Path]]:

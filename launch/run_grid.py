@@ -1,10 +1,14 @@
-"""The grid that answers the question, on the bundled digits, and docs/RESULTS.md from it.
+"""The grid that answers the question, and its section of docs/RESULTS.md.
 
 bn.mode (local, sync, reduce) x averaging (SWA: recipes/swa_recompute.yaml, EMA: recipes/ema.yaml)
-x seeds, 2 processes on CPU (or one per GPU), every run evaluating the averaged weights under all
-five BN sources. Finished runs are skipped, so an interrupted grid continues where it stopped.
+[x per-process batch] x seeds, 2 processes on CPU (or one per GPU), every run evaluating the
+averaged weights under all five BN sources. `--dataset digits` (the bundled digits) or
+`fashion_mnist` (Fashion-MNIST, small and large per-process batches, GRIDS below). Finished runs
+are skipped, so an interrupted grid continues where it stopped. Each dataset writes its own
+section of the page, between `<!-- grid:<dataset> -->` markers; the others are kept.
 
-  python launch/run_grid.py [--seeds 0 1 2] [--out runs/grid] [--wandb disabled|offline|online]
+  python launch/run_grid.py [--dataset digits|fashion_mnist] [--seeds 0 1 2] [--out runs/grid-<dataset>]
+                            [--wandb disabled|offline|online] [--set key=value ...]
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,6 +29,30 @@ sys.path.insert(0, str(ROOT))
 
 AVERAGING = {"swa": "recipes/swa_recompute.yaml", "ema": "recipes/ema.yaml"}
 BN_MODES = ("local", "sync", "reduce")
+
+
+@dataclass(frozen=True)
+class Grid:
+    title: str  # "Measured on ..."
+    overrides: list[str] = field(default_factory=list)  # on top of each averaging recipe
+    batches: tuple[int | None, ...] = (None,)  # per-process batch sizes; None: the recipe's
+    base_lr: float | None = None  # learning rate at a global batch of 64, scaled linearly with the batch
+    figures: str = "results"  # under the page's folder
+    easy: bool = False  # every choice scores about the same: the reading says the differences are small
+
+
+GRIDS = {
+    "digits": Grid("the bundled digits", easy=True),
+    # test_resnet (0.37 M parameters, 15 BN layers) at the images' own 28 px. Few images per process (8),
+    # where local batch statistics are noisy, against many (64). Chosen so the 36 runs fit in about 2 hours
+    # on 2 CPU cores (README, "Results").
+    "fashion_mnist": Grid(
+        "Fashion-MNIST",
+        overrides=["data.source=fashion_mnist", "model.name=test_resnet", "model.in_chans=1", "data.image_size=28",
+                   "data.augment.scale=[0.8,1.0]", "data.augment.hflip=0.5", "data.train_subset=12000",
+                   "schedule.epochs=6", "bn.recompute_batches=100"],
+        batches=(8, 64), base_lr=0.1, figures="results/fashion_mnist"),
+}
 
 
 def run_one(recipe: str, overrides: list[str], out: Path, nproc: int) -> tuple[float, bool]:
@@ -52,7 +81,7 @@ def hardware() -> str:
     return (f"{cpu}, {os.cpu_count()} cores, GPUs: {gpus}; Python {platform.python_version()}, torch {torch.__version__}")
 
 
-def reading(rows: list[dict], keys: list[str]) -> list[str]:
+def reading(rows: list[dict], keys: list[str], easy: bool = False) -> list[str]:
     """Sentences drawn from the figures, so the page says what this run measured."""
     def mean(row, metric):
         values = [v for v in row["values"][metric] if v is not None]
@@ -81,8 +110,8 @@ def reading(rows: list[dict], keys: list[str]) -> list[str]:
         f"- Against stale statistics: {versus('swa_start', 'a snapshot from when averaging began')} (for EMA, which starts "
         f"at the first step, that snapshot is the initial statistics); "
         f"{versus('initial', 'toggling `track_running_stats` or restoring a pre-training snapshot')} (chance is 10%).",
-        "- So stale statistics are the failure that matters. Among current ones the differences are small on this easy "
-        "task; `recompute` is the one that is right by construction, at the cost of one forward pass.",
+        *(["- So stale statistics are the failure that matters. Among current ones the differences are small on this easy "
+           "task; `recompute` is the one that is right by construction, at the cost of one forward pass."] if easy else []),
         f"- The averaged model with recomputed statistics ends {live:+.2f} points from the live model.",
     ]
     mode_key = "bn.mode" if "bn.mode" in keys else None
@@ -99,65 +128,100 @@ def reading(rows: list[dict], keys: list[str]) -> list[str]:
     return lines
 
 
+PAGE_TITLE = "# Which BatchNorm statistics for averaged weights? Measured"
+
+
+def splice_section(page: Path, name: str, body: str) -> None:
+    """Write `body` as the page's section for `name`, keeping every other section."""
+    start, end = f"<!-- grid:{name} -->", f"<!-- /grid:{name} -->"
+    text = page.read_text() if page.is_file() else PAGE_TITLE + "\n"
+    block = f"{start}\n{body.rstrip()}\n{end}"
+    if start in text and end in text:
+        text = text[:text.index(start)] + block + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    page.parent.mkdir(parents=True, exist_ok=True)
+    page.write_text(text)
+
+
 def write_results(table: str, keys: list[str], rows: list[dict], plots: list[Path], seeds: list[int], wall_s: float,
-                  nproc: int, page: Path) -> None:
+                  nproc: int, page: Path, dataset: str, extra: list[str]) -> None:
+    grid = GRIDS[dataset]
     rel = [p.relative_to(page.parent) for p in plots]
+    batches = "" if grid.batches == (None,) else f", {' and '.join(map(str, grid.batches))} images per process"
     text = "\n".join([
-        "# Which BatchNorm statistics for averaged weights? Measured on the bundled digits",
+        f"## Measured on {grid.title}",
         "",
-        "Generated by `python launch/run_grid.py` (see README, \"Results\"): `bn.mode` local / sync / reduce,",
-        f"SWA (`recipes/swa_recompute.yaml`) and EMA (`recipes/ema.yaml`), seeds {', '.join(map(str, seeds))}, "
+        f"Generated by `python launch/run_grid.py --dataset {dataset}` (see README, \"Results\"): `bn.mode` local / sync / reduce,",
+        f"SWA (`recipes/swa_recompute.yaml`) and EMA (`recipes/ema.yaml`){batches}, seeds {', '.join(map(str, seeds))}, "
         f"{nproc} processes, every run evaluating the averaged weights under all five BN sources.",
+        *([f"Overrides on both recipes: `{' '.join([*grid.overrides, *extra])}`."] if grid.overrides or extra else []),
         f"Cells are mean ± sample std over seeds. Grid wall time: {wall_s / 60:.1f} min (sum of the launches, each from start to exit).",
         "",
         f"Hardware: {hardware()}.",
         "",
-        "## Reading",
+        "### Reading",
         "",
-        *reading(rows, keys),
+        *reading(rows, keys, grid.easy),
         "",
-        "## Table",
+        "### Table",
         "",
         "top-1 in %; `live` is the trained model itself, `avg+<source>` the averaged weights with that source's BN",
         "statistics; images/s over all processes; `avg update ms` per averaging update; `recompute s` per pass.",
         "",
         table,
         "",
-        "## Plots",
+        "### Plots",
         "",
         *(f"![{p.stem}]({p.as_posix()})" for p in rel),
         "",
     ])
-    page.write_text(text)
+    splice_section(page, dataset, text)
+
+
+def cells(dataset: str, seeds: list[int], nproc: int, extra: list[str]):
+    """(run folder name, recipe, overrides) for every run of the grid."""
+    grid = GRIDS[dataset]
+    for strategy, recipe in AVERAGING.items():
+        for mode in BN_MODES:
+            for batch in grid.batches:
+                sized = [] if batch is None else [f"data.batch_size={batch}",
+                                                  f"optimizer.lr={grid.base_lr * batch * nproc / 64:g}"]
+                for seed in seeds:
+                    name = f"{strategy}-{mode}" + ("" if batch is None else f"-b{batch}") + f"-seed{seed}"
+                    yield name, recipe, [*grid.overrides, *sized, f"bn.mode={mode}", f"seed={seed}", *extra]
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", default="digits", choices=sorted(GRIDS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "grid")
+    parser.add_argument("--out", type=Path, default=None, help="default: runs/grid-<dataset> (runs/grid for digits)")
     parser.add_argument("--wandb", default="disabled", choices=("disabled", "offline", "online"))
     parser.add_argument("--page", type=Path, default=ROOT / "docs" / "RESULTS.md")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="further overrides on every run")
+    parser.add_argument("--limit", type=int, default=None, help="run only the first N cells (a smoke test)")
     args = parser.parse_args()
     import torch
 
     from framework.compare import compare
 
     nproc = torch.cuda.device_count() or 2
+    out_root = args.out or ROOT / "runs" / ("grid" if args.dataset == "digits" else f"grid-{args.dataset}")
+    extra = [*args.set, f"logging.wandb.mode={args.wandb}"]
     run_dirs, wall = [], 0.0
-    for strategy, recipe in AVERAGING.items():
-        for mode in BN_MODES:
-            for seed in args.seeds:
-                out = args.out / f"{strategy}-{mode}-seed{seed}"
-                seconds, ran = run_one(recipe, [f"bn.mode={mode}", f"seed={seed}", f"logging.wandb.mode={args.wandb}"], out, nproc)
-                wall += seconds
-                status = f"done in {seconds:.0f} s" if ran else f"already complete ({seconds:.0f} s when it ran)"
-                print(f"{out.name}: {status}", flush=True)
-                run_dirs.append(out)
-    figures = args.page.parent / "results"
+    for name, recipe, overrides in list(cells(args.dataset, args.seeds, nproc, extra))[:args.limit]:
+        out = out_root / name
+        seconds, ran = run_one(recipe, overrides, out, nproc)
+        wall += seconds
+        status = f"done in {seconds:.0f} s" if ran else f"already complete ({seconds:.0f} s when it ran)"
+        print(f"{out.name}: {status}", flush=True)
+        run_dirs.append(out)
+    figures = args.page.parent / GRIDS[args.dataset].figures
     table, keys, rows, plots = compare(run_dirs, figures)
-    write_results(table, keys, rows, plots, args.seeds, wall, nproc, args.page)
+    write_results(table, keys, rows, plots, args.seeds, wall, nproc, args.page, args.dataset, args.set)
     print(table)
-    print(f"\nwritten: {args.page}")
+    print(f"\nwritten: {args.page} (section {args.dataset})")
     return 0
 
 

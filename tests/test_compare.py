@@ -52,3 +52,31 @@ def test_compare_refuses_a_missing_run(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "framework", "compare", str(tmp_path / "nope")], cwd=tmp_path,
                           env=clean_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.strip().startswith("error: run dir") and "Traceback" not in proc.stderr
+
+
+def test_a_tiny_cell_of_the_fashion_mnist_grid_runs_resumes_and_keeps_the_digits_section(tmp_path):
+    """The Fashion-MNIST grid cannot rot: its first cell, shrunk, through the documented command. A second
+    invocation skips the finished run; the page keeps the digits section and gains one Fashion-MNIST section."""
+    import shutil
+
+    from framework.fashion_mnist import missing_files
+
+    if missing_files(None):
+        pytest.skip("Fashion-MNIST not installed (apt-get install dataset-fashion-mnist; .ci/run does it)")
+    page = tmp_path / "docs" / "RESULTS.md"
+    page.parent.mkdir()
+    shutil.copy(ROOT / "docs" / "RESULTS.md", page)
+    cmd = [sys.executable, str(ROOT / "launch" / "run_grid.py"), "--dataset", "fashion_mnist", "--seeds", "0", "--limit", "1",
+           "--out", str(tmp_path / "grid"), "--page", str(page), "--set", "data.train_subset=512", "schedule.epochs=2",
+           "schedule.warmup_epochs=0", "bn.recompute_batches=4"]
+    for attempt in ("first", "again"):
+        proc = subprocess.run(cmd, cwd=tmp_path, env=clean_env(), capture_output=True, text=True, timeout=600)
+        check_ok(proc)
+        expected = "done in" if attempt == "first" else "already complete"
+        assert f"swa-local-b8-seed0: {expected}" in proc.stdout, proc.stdout[-2000:]
+    s = read_summary(tmp_path / "grid" / "swa-local-b8-seed0")
+    assert s["eval"]["online"]["images"] == 10000 and s["eval"]["online"]["top1"] > 30.0  # chance is 10%
+    text = page.read_text()
+    assert text.count("<!-- grid:digits -->") == 1 and "## Measured on the bundled digits" in text
+    assert text.count("<!-- grid:fashion_mnist -->") == 1 and "## Measured on Fashion-MNIST" in text
+    assert (page.parent / "results" / "fashion_mnist" / "top1_per_epoch.png").is_file()
