@@ -4,8 +4,8 @@ Under DDP this module owns autocast and torch's GradScaler on CPU and GPU alike 
 built with mixed_precision='no'): Accelerate ignores fp16 on CPU, and its scaler would hand the
 non-finite check gradients that are still scaled. Here the gradients are unscaled first, so an
 overflow (inf gradients at a finite loss, while the scale is above 1) is the scaler's business:
-the step is skipped, the scale halves, the step is counted in `overflow_steps`, and nothing else
-moves. Anything else non-finite goes to `faults.nonfinite`.
+the step is skipped, the scale halves, the step is counted (`amp/overflow_steps` in each epoch's
+record), and nothing else moves. Anything else non-finite goes to `faults.nonfinite`.
 
 Under DeepSpeed the engine casts the model, scales the loss and steps inside `backward`; an
 overflow is a step the engine did not apply (`was_step_applied()`), counted the same way.
@@ -30,7 +30,6 @@ class MixedPrecision:
         self.device, self.dtype = device, DTYPES[precision]
         self.scaler = (torch.amp.GradScaler(device.type, init_scale=init_scale, growth_interval=growth_interval)
                        if precision == "fp16" else None)
-        self.overflow_steps = 0
 
     def autocast(self):
         if self.dtype is None:
@@ -73,13 +72,11 @@ class MixedPrecision:
         return self.scaler.get_scale() if self.scaler is not None else None
 
     def state_dict(self) -> dict:
-        return {"scaler": self.scaler.state_dict() if self.scaler is not None else None,
-                "overflow_steps": self.overflow_steps}
+        return {"scaler": self.scaler.state_dict() if self.scaler is not None else None}
 
     def load_state_dict(self, state: dict) -> None:
         if self.scaler is not None and state["scaler"] is not None:
             self.scaler.load_state_dict(state["scaler"])
-        self.overflow_steps = state["overflow_steps"]
 
 
 class EnginePrecision(MixedPrecision):
@@ -98,10 +95,6 @@ class EnginePrecision(MixedPrecision):
         if self.precision != "fp16":
             return None
         return torch.tensor(not self.engine.was_step_applied(), device=self.device)
-
-    def step(self, optimizer, apply: bool) -> None:
-        if apply:
-            optimizer.step()  # a no-op wrapper: the engine already stepped
 
 
 def deepspeed_fp16_config(init_scale: float, growth_interval: int) -> dict:

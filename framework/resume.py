@@ -42,19 +42,16 @@ def restore(saved: dict, state, engine_state, sources: dict, same_world: bool, b
     load_scheduler_state_dict(state.scheduler, saved["scheduler"], same_units=same_world)
     state.amp.load_state_dict(saved["amp"])
     if state.averager is not None and saved["averager"] is not None:
-        start = state.averager.start_step  # this run's units: the same fraction of training
         state.averager.load_state_dict(saved["averager"])
-        if not same_world:
-            state.averager.start_step = start
     for name, source in sources.items():
         source.load_state_dict(saved["sources"][name])
     pos = saved["position"]
-    state.num_updates = pos["num_updates"]
     if not same_world:  # re-count the updates in this world's units, at the same point of training
         state.num_updates = pos["epoch"] * state.steps_per_epoch + round(pos["samples_in_epoch"] / (batch_size * world))
         state.scheduler.step_update(num_updates=state.num_updates)
         state.adjust_lr()
-    if same_world:  # another world size has other streams anyway: keep this run's seeds
+    else:  # another world size has other streams anyway: it keeps this run's seeds
+        state.num_updates = pos["num_updates"]
         rng = saved["rng"]
         torch.set_rng_state(rng["torch"])
         random.setstate(rng["python"])

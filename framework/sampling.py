@@ -59,7 +59,7 @@ class ShardSampler(DistributedSampler):
         g = torch.Generator().manual_seed(self.seed + self.epoch)
         order = torch.randperm(len(self.dataset), generator=g).tolist()
         if self.consumed:
-            used = set(order[: self.consumed])  # the first k of each old process's strided shard
+            used = set(order[: self.consumed])  # what the old processes' strided shards had drawn
             order = [i for i in order if i not in used]
         return order[: len(order) - len(order) % self.num_replicas]
 

@@ -120,14 +120,13 @@ def train_one_epoch(state: TrainState, loader, max_steps: int | None = None, pro
         apply = checked and not overflow
         if apply and state.clip_grad is not None:
             acc.clip_grad_norm_(model.parameters(), state.clip_grad)
-        amp.step(opt, apply)
+        amp.step(opt, apply)  # DeepSpeed's optimizer wrapper steps as a no-op: the engine stepped in backward
         if apply:
             state.after_update()
             stats["loss_sum"] += loss.detach().double() * images.shape[0]
             stats["images"] += images.shape[0]
         else:  # the scaler's overflow, or a step `faults.nonfinite=skip` refused: not an update
             stats["overflow_steps"] += int(overflow)
-            amp.overflow_steps += int(overflow)
             if bn_backup:
                 torch._foreach_copy_(state.bn_buffers, bn_backup)  # the refused forward's statistics go too
         stats["steps"] += 1
@@ -287,7 +286,7 @@ def train(recipe: Recipe) -> dict:
                      "export_stats": export_source if averaged else None, "bn": bn_report,
                      "recompute_bn_sha256_per_rank": gather_digests(bn_stats.get("recompute", []))}
     summary = build_summary(records, ev, averaged, averaging, accelerator, recipe, precision, recipe_hashes)
-    summary["amp"] = {"overflow_steps": amp.overflow_steps, "loss_scale": amp.loss_scale}
+    summary["amp"] = {"overflow_steps": sum(r["amp/overflow_steps"] for r in records), "loss_scale": amp.loss_scale}
     # Exports gather on every process (ZeRO-3 consolidates onto the main one), which alone writes.
     with harmonized_bn(bn_mode, live_bn):
         online_state = detached_state_dict(accelerator, model)

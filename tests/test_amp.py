@@ -19,37 +19,20 @@ FP16 = ["model.name=test_resnet", "backend.precision=fp16", f"backend.loss_scale
 
 def test_two_process_fp16_recovers_from_overflows_and_reports_them(tmp_path):
     out = tmp_path / "run"
-    check_ok(
-        launch(
-            [
-                str(ROOT / "recipes" / "quickstart.yaml"),
-                *FP16,
-                "schedule.epochs=2",
-                "averaging.start=0.0",
-                "logging.wandb.mode=disabled",
-                f"output.dir={out}",
-            ],
-            nproc=2,
-            cwd=tmp_path,
-        )
-    )
+    check_ok(launch([str(ROOT / "recipes" / "quickstart.yaml"), *FP16, "schedule.epochs=2", "averaging.start=0.0",
+                     "logging.wandb.mode=disabled", f"output.dir={out}"], nproc=2, cwd=tmp_path))
     s = read_summary(out)
     assert (s["status"], s["world_size"], s["precision"]) == ("completed", 2, "fp16")
     overflows = s["amp"]["overflow_steps"]
     assert overflows >= 3 and s["amp"]["loss_scale"] == OVERFLOWING / 2**overflows  # halved once per overflow
     records = read_metrics(out)
-    assert (
-        sum(r["amp/overflow_steps"] for r in records) == overflows
-        and records[0]["amp/overflow_steps"] == overflows
-    )
+    assert sum(r["amp/overflow_steps"] for r in records) == overflows and records[0]["amp/overflow_steps"] == overflows
     # Not updates: averaging started at step 1 and was fed only the applied steps
     steps = 2 * 22  # 2 epochs of 1437 training images // (2 processes x 32)
     assert s["averaging"]["updates"] == steps - overflows
     assert s["eval"]["online"]["top1"] >= 60.0
     for kind in ("online", "averaged"):
-        assert all(
-            torch.isfinite(t.float()).all() for t in load_file(out / f"model_{kind}.safetensors").values()
-        ), kind
+        assert all(torch.isfinite(t.float()).all() for t in load_file(out / f"model_{kind}.safetensors").values()), kind
 
 
 def test_fp16_resume_restores_the_loss_scale_and_is_bitwise_exact(train_in_process, tmp_path):
@@ -73,13 +56,5 @@ def test_fp16_resume_restores_the_loss_scale_and_is_bitwise_exact(train_in_proce
 def test_fp16_divergence_is_still_caught(train_in_process, tmp_path):
     """A loss that is itself non-finite is not an overflow: faults.nonfinite decides."""
     with pytest.raises(NonFiniteError, match="non-finite loss"):
-        train_in_process(
-            [
-                *FP16,
-                "optimizer.lr=1.0e12",
-                "schedule.warmup_epochs=0",
-                "schedule.epochs=1",
-                "averaging.strategy=none",
-                f"output.dir={tmp_path / 'run'}",
-            ]
-        )
+        train_in_process([*FP16, "optimizer.lr=1.0e12", "schedule.warmup_epochs=0", "schedule.epochs=1",
+                          "averaging.strategy=none", f"output.dir={tmp_path / 'run'}"])

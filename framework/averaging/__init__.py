@@ -92,10 +92,10 @@ class WeightAverager:
         return True
 
     def state_dict(self) -> dict:
-        return {"n": self.n, "start_step": self.start_step, "every_steps": self.every_steps,
-                "rule": self.rule.state_dict(), "tensors": self.avg.state_dict()}
+        # start_step and every_steps come from the recipe, in this run's updates (another world size has others)
+        return {"n": self.n, "rule": self.rule.state_dict(), "tensors": self.avg.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.n, self.start_step, self.every_steps = state["n"], state["start_step"], state["every_steps"]
+        self.n = state["n"]
         self.rule.load_state_dict(state["rule"])
         self.avg.load_state_dict(state["tensors"])
