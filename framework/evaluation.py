@@ -106,7 +106,7 @@ class AveragedEval:
         return stats
 
     def run(self, averaged: list[torch.Tensor], sources: dict, val_loader, num_classes: int):
-        """Evaluate the averaged weights with each source's statistics. Returns (results, stats per source)."""
+        """Evaluate the averaged weights with each of `sources`' statistics. Returns (results, stats per source)."""
         results, stats_by_source = {}, {}
         with self.view.swapped_in(averaged):
             for name, source in sources.items():

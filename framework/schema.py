@@ -115,6 +115,13 @@ class BNConfig:
 
 
 @dataclass(kw_only=True)
+class EvalConfig:
+    bn_sources: list[Literal[tuple(BN_SOURCES)]] | None = spec(
+        None, doc="BN sources the averaged weights are evaluated under after each epoch; every source after the "
+                  "last one. null: every source every epoch")
+
+
+@dataclass(kw_only=True)
 class LossScaleConfig:
     init: float = spec(2.0**16, ge=1.0, doc="fp16: the loss scale to start from (a power of two)")
     growth_interval: int = spec(2000, ge=1, doc="fp16: clean steps before the scale doubles")
@@ -178,6 +185,7 @@ class Recipe:
     schedule: ScheduleConfig = spec(factory=ScheduleConfig)
     averaging: AveragingConfig = spec(factory=AveragingConfig)
     bn: BNConfig = spec(factory=BNConfig)
+    eval: EvalConfig = spec(factory=EvalConfig)
     backend: BackendConfig = spec(factory=BackendConfig)
     logging: LoggingConfig = spec(factory=LoggingConfig)
     output: OutputConfig = spec(factory=OutputConfig)

@@ -13,7 +13,7 @@ from framework.amp import MixedPrecision, create_precision
 from framework.averaging import WeightAverager, create_rule
 from framework.averaging.views import create_view
 from framework.bn import BN_MODES, bn_buffers, swapped
-from framework.bn.sources import create_sources
+from framework.bn.sources import NO_STATS, create_sources
 from framework.builders import create_accelerator, create_optimizer, create_scheduler
 from framework.checkpoint import checkpoint_tag, save_checkpoint
 from framework.data import create_datasets, create_loaders
@@ -236,12 +236,14 @@ def train(recipe: Recipe) -> dict:
             save(epoch, stats)
         return False
 
-    def evaluate_all():
+    def evaluate_all(final: bool):
+        wanted = recipe.eval.bn_sources
+        chosen = {n: s for n, s in sources.items() if final or wanted is None or n in wanted or n == NO_STATS}
         with isolated_rng(device):  # training draws the same numbers whatever is evaluated here
             with harmonized_bn(bn_mode, live_bn):
                 live = evaluate_live()
             if averager is not None and averager.started:
-                return live, *avg_eval.run(averager.avg.tensors(), sources, loaders.val, recipe.model.num_classes)
+                return live, *avg_eval.run(averager.avg.tensors(), chosen, loaders.val, recipe.model.num_classes)
             return live, {}, {}
 
     for epoch in range(resumed["epoch"], recipe.schedule.epochs):
@@ -263,7 +265,7 @@ def train(recipe: Recipe) -> dict:
                 logger.interrupt()
             raise Interrupted(f"stopped by a signal after {stats['steps']} steps of epoch {epoch + 1}; resume with resume=auto")
         lr = optimizer.param_groups[0]["lr"]
-        ev, averaged, bn_stats = evaluate_all()
+        ev, averaged, bn_stats = evaluate_all(final=epoch + 1 == recipe.schedule.epochs)
         record = epoch_record(epoch + 1, stats, ev, averaged, lr, accelerator)
         records.append(record)
         scheduler.step(epoch + 1, record[recipe.schedule.plateau_metric])  # the metric: only plateau reads it
@@ -274,7 +276,7 @@ def train(recipe: Recipe) -> dict:
         if ckpt.unit == "epochs" and ckpt.every and (epoch + 1) % ckpt.every == 0:
             save(epoch + 1, None)
     if ev is None:  # resumed from a checkpoint taken at the very end
-        ev, averaged, bn_stats = evaluate_all()
+        ev, averaged, bn_stats = evaluate_all(final=True)
 
     averaging = {}
     if averager is not None:

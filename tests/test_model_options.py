@@ -286,3 +286,19 @@ def test_each_process_draws_from_its_own_streams_and_a_seed_repeats_them():
     r0, r1, again = draws(0), draws(1), draws(0)
     assert not torch.equal(r0[0], r1[0]) and r0[1] != r1[1] and r0[2] != r1[2]
     assert torch.equal(r0[0], again[0]) and r0[1:] == again[1:]
+
+
+def test_eval_bn_sources_chooses_the_per_epoch_evaluations_and_the_last_epoch_has_all(train_in_process, tmp_path):
+    import json
+
+    out = tmp_path / "run"
+    s = train_in_process(["model.name=test_resnet", "data.batch_size=32", "schedule.epochs=3", "schedule.warmup_epochs=0",
+                          "averaging.start_epoch=1", "bn.recompute_batches=2", "eval.bn_sources=[recompute, online]",
+                          f"output.dir={out}"])
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evaluated = [sorted({k.split("/")[2] for k in r if k.startswith("eval/averaged/")}) for r in records]
+    # averaging starts with the last update of epoch 1
+    assert evaluated == [["online", "recompute"]] * 2 + [["averaged", "initial", "online", "recompute", "swa_start"]]
+    assert sorted(s["eval"]["averaged"]) == evaluated[-1]
+    assert ("eval.bn_sources = ['recomptue']: expected a list of one of 'initial', 'swa_start', 'online', 'averaged', "
+            "'recompute' or null") in _errors(["eval.bn_sources=[recomptue]"])
