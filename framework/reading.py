@@ -135,9 +135,12 @@ def reading(rows: list[dict]) -> list[str]:
                 pooled = diff([d.mean for d in effects if d])
                 beyond = [st for st, d in zip(strategies, effects, strict=True) if d and d.beyond]
                 where = f"at {batch} images per process" if batches > 1 else "here"
+                speed = statistics.fmean(r.metrics["images/s"] for r in runs if (r.batch, r.mode) == (batch, m)) / \
+                    statistics.fmean(r.metrics["images/s"] for r in runs if (r.batch, r.mode) == (batch, "local"))
                 out.append(f"- `{m}` {where}: averaged top-1 {pooled.mean:+.2f} points against `local` (mean over "
-                           f"{', '.join(strategies)}); " + (f"beyond the noise for {', '.join(beyond)}." if beyond
-                                                             else "inside the noise."))
+                           f"{', '.join(strategies)}), " + (f"beyond the noise for {', '.join(beyond)}" if beyond
+                                                             else "inside the noise") +
+                           f"; training throughput {speed:.2f}x local's.")
     noise = statistics.fmean(statistics.stdev(v) for row in rows for v in [row["values"]["avg+recompute top1"]] if len(v) > 1) \
         if any(len(row["runs"]) > 1 for row in rows) else 0.0
     out += ["", f"- Seed-to-seed spread of the averaged top-1 with recomputed statistics: ±{noise:.2f} points "

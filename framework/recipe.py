@@ -94,6 +94,9 @@ def _check_semantics(r: Recipe, errors: list[str]) -> None:
     if a.strategy != "none" and a.start_epoch is not None and a.start_epoch >= r.schedule.epochs:
         errors.append(f"averaging.start_epoch = {a.start_epoch}: averaging would never start; must be < schedule.epochs "
                       f"({r.schedule.epochs})")
+    if r.eval.every_epochs > 1 and r.schedule.name == "plateau" and r.schedule.plateau_metric.startswith("eval/"):
+        errors.append(f"eval.every_epochs = {r.eval.every_epochs}: schedule.name = 'plateau' reads "
+                      f"{r.schedule.plateau_metric} after every epoch; use 1, or schedule.plateau_metric = 'train/loss'")
     if r.model.pretrained_file is None or Path(r.model.pretrained_file).is_file():
         check_model(r.model, r.data.image_size, errors)
     b = r.backend

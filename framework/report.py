@@ -25,7 +25,7 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def epoch_record(epoch: int, stats: dict, ev: dict, averaged: dict, lr: float, accelerator) -> dict:
+def epoch_record(epoch: int, stats: dict, ev: dict | None, averaged: dict, lr: float, accelerator) -> dict:
     world = accelerator.num_processes
     loss_sum, images, data_wait = _reduce(accelerator, torch.stack([
         stats["loss_sum"].double().cpu(), torch.tensor(float(stats["images"]), dtype=torch.float64),
@@ -38,8 +38,8 @@ def epoch_record(epoch: int, stats: dict, ev: dict, averaged: dict, lr: float, a
         "train/loss": loss_sum / max(images, 1),
         "train/lr": lr,
         "amp/overflow_steps": stats["overflow_steps"],
-        "eval/online/top1": ev["top1"], "eval/online/top5": ev["top5"], "eval/online/loss": ev["loss"],
-        "eval/images": ev["images"],
+        **({"eval/online/top1": ev["top1"], "eval/online/top5": ev["top5"], "eval/online/loss": ev["loss"],
+            "eval/images": ev["images"]} if ev is not None else {}),  # None: not evaluated this epoch
         "throughput/train_images_per_s": images / seconds,
         "throughput/train_images_per_s_per_process": images / seconds / world,
         "throughput/step_time_s": seconds / steps,
@@ -97,8 +97,9 @@ def progress_bar(enabled: bool, total: int, epoch: int):
 
 
 def format_record(r: dict) -> str:
-    line = (f"epoch {r['epoch']:3d} | loss {r['train/loss']:.4f} | top1 {r['eval/online/top1']:6.2f} "
-            f"| top5 {r['eval/online/top5']:6.2f} | eval loss {r['eval/online/loss']:.4f} | lr {r['train/lr']:.2e} "
+    ev = (f"top1 {r['eval/online/top1']:6.2f} | top5 {r['eval/online/top5']:6.2f} | eval loss {r['eval/online/loss']:.4f}"
+          if "eval/online/top1" in r else "not evaluated")
+    line = (f"epoch {r['epoch']:3d} | loss {r['train/loss']:.4f} | {ev} | lr {r['train/lr']:.2e} "
             f"| {r['throughput/train_images_per_s']:8.1f} img/s | step {1000 * r['throughput/step_time_s']:.1f} ms")
     averaged = [(k.split("/")[2], v) for k, v in r.items() if k.startswith("eval/averaged/") and k.endswith("/top1")]
     return line + ("".join(f"\n    averaged[{name}] top1 {v:6.2f}" for name, v in averaged) if averaged else "")

@@ -116,6 +116,7 @@ class BNConfig:
 
 @dataclass(kw_only=True)
 class EvalConfig:
+    every_epochs: int = spec(1, ge=1, doc="evaluate after every N epochs, and always after the last")
     bn_sources: list[Literal[tuple(BN_SOURCES)]] | None = spec(
         None, doc="BN sources the averaged weights are evaluated under after each epoch; every source after the "
                   "last one. null: every source every epoch")

@@ -265,10 +265,14 @@ def train(recipe: Recipe) -> dict:
                 logger.interrupt()
             raise Interrupted(f"stopped by a signal after {stats['steps']} steps of epoch {epoch + 1}; resume with resume=auto")
         lr = optimizer.param_groups[0]["lr"]
-        ev, averaged, bn_stats = evaluate_all(final=epoch + 1 == recipe.schedule.epochs)
+        final = epoch + 1 == recipe.schedule.epochs
+        if final or (epoch + 1) % recipe.eval.every_epochs == 0:
+            ev, averaged, bn_stats = evaluate_all(final)
+        else:
+            ev, averaged = None, {}
         record = epoch_record(epoch + 1, stats, ev, averaged, lr, accelerator)
         records.append(record)
-        scheduler.step(epoch + 1, record[recipe.schedule.plateau_metric])  # the metric: only plateau reads it
+        scheduler.step(epoch + 1, record.get(recipe.schedule.plateau_metric))  # only plateau reads it (every epoch)
         state.adjust_lr()
         if logger is not None:
             logger.log(record)

@@ -288,16 +288,19 @@ def test_each_process_draws_from_its_own_streams_and_a_seed_repeats_them():
     assert torch.equal(r0[0], again[0]) and r0[1:] == again[1:]
 
 
-def test_eval_bn_sources_chooses_the_per_epoch_evaluations_and_the_last_epoch_has_all(train_in_process, tmp_path):
+def test_eval_every_epochs_and_bn_sources_choose_the_evaluations_and_the_last_epoch_has_all(train_in_process, tmp_path):
     import json
 
     out = tmp_path / "run"
-    s = train_in_process(["model.name=test_resnet", "data.batch_size=32", "schedule.epochs=2", "schedule.warmup_epochs=0",
-                          "averaging.start_epoch=0", "bn.recompute_batches=2", "eval.bn_sources=[recompute, online]",
-                          f"output.dir={out}"])
+    s = train_in_process(["model.name=test_resnet", "data.batch_size=32", "schedule.epochs=3", "schedule.warmup_epochs=0",
+                          "averaging.start_epoch=0", "bn.recompute_batches=2", "eval.every_epochs=2",
+                          "eval.bn_sources=[recompute, online]", f"output.dir={out}"])
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert ["eval/online/top1" in r for r in records] == [False, True, True]
     evaluated = [sorted({k.split("/")[2] for k in r if k.startswith("eval/averaged/")}) for r in records]
-    assert evaluated == [["online", "recompute"], ["averaged", "initial", "online", "recompute", "swa_start"]]
-    assert sorted(s["eval"]["averaged"]) == evaluated[-1]
+    assert evaluated == [[], ["online", "recompute"], ["averaged", "initial", "online", "recompute", "swa_start"]]
+    assert sorted(s["eval"]["averaged"]) == evaluated[-1] and s["eval"]["online"]["top1"] == records[-1]["eval/online/top1"]
     assert ("eval.bn_sources = ['recomptue']: expected a list of one of 'initial', 'swa_start', 'online', 'averaged', "
             "'recompute' or null") in _errors(["eval.bn_sources=[recomptue]"])
+    assert ("eval.every_epochs = 2: schedule.name = 'plateau' reads eval/online/top1 after every epoch; use 1, or "
+            "schedule.plateau_metric = 'train/loss'") in _errors(["eval.every_epochs=2", "schedule.name=plateau"])
