@@ -16,14 +16,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: command {got!r}: choices are {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
     if argv[0] == "train":
-        from framework.launcher import train_main
+        from framework.distributed.launcher import train_main
 
         return train_main(argv[1:])
     if argv[0] == "compare":
-        from framework.compare import main as compare_main
+        from framework.reporting.compare import main as compare_main
 
         return compare_main(argv[1:])
-    from framework.cli import validate_main
+    from framework.recipe.cli import validate_main
 
     return validate_main(argv[1:])
 

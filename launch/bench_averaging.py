@@ -83,10 +83,10 @@ def bench_recompute(device) -> None:
     import torch
 
     from framework.bn.recompute import recompute_bn_stats
-    from framework.builders import create_optimizer, create_scheduler
-    from framework.data import create_datasets, create_loaders
-    from framework.recipe import resolve_recipe
-    from framework.train import TrainState, train_one_epoch
+    from framework.data.loaders import create_datasets, create_loaders
+    from framework.recipe.resolve import resolve_recipe
+    from framework.training.builders import create_optimizer, create_scheduler
+    from framework.training.loop import TrainState, train_one_epoch
 
     class _Acc:  # a one-process stand-in for the accelerator: the step needs only these
         def __init__(self, device):
@@ -99,7 +99,7 @@ def bench_recompute(device) -> None:
             loss.backward()
 
     recipe = resolve_recipe(os.path.join(os.path.dirname(__file__), "..", "recipes", "quickstart.yaml"))
-    from framework.models import create_model
+    from framework.training.models import create_model
 
     model = create_model(recipe.model, recipe.data.image_size)[0].to(device)
     train_ds, val_ds = create_datasets(recipe.data, model, 10, 3, 0)

@@ -22,7 +22,7 @@ def hand_written_steps(model, optimizer, accelerator, loader, steps: int, autoca
     """The loop every Accelerate and torch.amp tutorial shows, nothing more. Returns seconds."""
     import torch.nn.functional as F
 
-    from framework.train import _sync
+    from framework.training.loop import _sync
 
     model.train()
     _sync(accelerator.device)
@@ -51,7 +51,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=20, help="training steps per timed block")
     args, rest = parser.parse_known_args()
 
-    from framework.cli import load_or_exit
+    from framework.recipe.cli import load_or_exit
 
     recipe = load_or_exit(rest, quiet_rank=os.environ.get("LOCAL_RANK", "0") != "0")
 
@@ -60,13 +60,13 @@ def main() -> int:
     import torch.distributed as dist
     from accelerate.utils import set_seed
 
-    from framework.amp import create_precision
     from framework.averaging.views import create_view
-    from framework.builders import create_accelerator, create_optimizer, create_scheduler
-    from framework.data import create_datasets, create_loaders
-    from framework.faults import StepControl
-    from framework.models import create_model
-    from framework.train import TrainState, create_averaging, train_one_epoch
+    from framework.data.loaders import create_datasets, create_loaders
+    from framework.distributed.faults import StepControl
+    from framework.training.amp import create_precision
+    from framework.training.builders import create_accelerator, create_optimizer, create_scheduler
+    from framework.training.loop import TrainState, create_averaging, train_one_epoch
+    from framework.training.models import create_model
 
     accelerator, precision = create_accelerator(recipe.backend, recipe.data.batch_size, recipe.optimizer.clip_grad,
                                                 recipe.faults.collective_timeout_s)

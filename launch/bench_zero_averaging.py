@@ -3,7 +3,7 @@
 Gather-then-average is the common recipe: `deepspeed.zero.GatheredParameters(params,
 modifier_rank=0)` gathers every parameter, rank 0 lerps its full fp32 copy, and the exit
 re-partitions. Ours lerps each rank's fp32 master partition in place. Both run on the same
-engine, alternating (order flipped each round); bytes are measured by framework.comm_meter.
+engine, alternating (order flipped each round); bytes are measured by framework.distributed.comm_meter.
 
   accelerate launch --config_file accelerate_config.yaml launch/bench_zero_averaging.py \
       recipes/quickstart.yaml backend.type=deepspeed backend.zero_stage=3 [--rounds 7] [--updates 10]
@@ -26,7 +26,7 @@ def main() -> int:
     parser.add_argument("--updates", type=int, default=10)
     args, rest = parser.parse_known_args()
 
-    from framework.cli import load_or_exit
+    from framework.recipe.cli import load_or_exit
 
     recipe = load_or_exit(rest, quiet_rank=os.environ.get("LOCAL_RANK", "0") != "0")
     if recipe.backend.type != "deepspeed" or recipe.backend.zero_stage != 3:
@@ -38,11 +38,11 @@ def main() -> int:
 
     from framework.averaging import AVERAGERS, WeightAverager, create_rule
     from framework.averaging.views import create_view
-    from framework.builders import create_accelerator, create_optimizer
-    from framework.comm_meter import CommMeter
+    from framework.distributed.comm_meter import CommMeter
+    from framework.training.builders import create_accelerator, create_optimizer
 
     accelerator, _ = create_accelerator(recipe.backend, recipe.data.batch_size, recipe.optimizer.clip_grad)
-    from framework.models import create_model
+    from framework.training.models import create_model
 
     model, _ = create_model(recipe.model, recipe.data.image_size)
     engine, _ = accelerator.prepare(model, create_optimizer(recipe.optimizer, model))

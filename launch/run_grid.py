@@ -104,7 +104,7 @@ def splice_section(page: Path, name: str, body: str) -> None:
 
 def write_results(table: str, keys: list[str], rows: list[dict], plots: list[Path], seeds: list[int], wall_s: float,
                   nproc: int, page: Path, dataset: str, extra: list[str]) -> None:
-    from framework.reading import reading
+    from framework.reporting.reading import reading
 
     grid = GRIDS[dataset]
     rel = [p.relative_to(page.parent) for p in plots]
@@ -168,7 +168,7 @@ def main() -> int:
     args = parser.parse_args()
     import torch
 
-    from framework.compare import compare
+    from framework.reporting.compare import compare
 
     nproc = torch.cuda.device_count() or 2
     out_root = args.out or ROOT / "runs" / ("grid" if args.dataset == "digits" else f"grid-{args.dataset}")

@@ -12,13 +12,13 @@ import sys
 
 
 def main(argv: list[str]) -> int:
-    from framework.cli import load_or_exit
+    from framework.recipe.cli import load_or_exit
 
     recipe = load_or_exit(argv, quiet_rank=os.environ.get("LOCAL_RANK", "0") != "0")
 
-    from framework.errors import print_errors
-    from framework.output_lock import OutputBusy, OutputLock
-    from framework.watchdog import watch_launcher
+    from framework.distributed.output_lock import OutputBusy, OutputLock
+    from framework.distributed.watchdog import watch_launcher
+    from framework.recipe.errors import print_errors
 
     lock = None
     if os.environ.get("RANK", "0") == "0":  # before any process group: the others are stopped by the launcher
@@ -38,11 +38,11 @@ def main(argv: list[str]) -> int:
 def _run(recipe) -> int:
     import torch.distributed as dist
 
-    from framework.checkpoint import CheckpointWriteError
-    from framework.errors import print_errors
-    from framework.faults import NonFiniteError
-    from framework.tracking import LoggerStartError
-    from framework.train import Interrupted, train
+    from framework.checkpoint.store import CheckpointWriteError
+    from framework.distributed.faults import NonFiniteError
+    from framework.recipe.errors import print_errors
+    from framework.reporting.tracking import LoggerStartError
+    from framework.training.loop import Interrupted, train
 
     try:
         summary = train(recipe)
@@ -69,7 +69,7 @@ def _run(recipe) -> int:
         if not _lost_peer(err):
             raise
         first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
-        from framework.heartbeat import describe_silent_ranks
+        from framework.distributed.heartbeat import describe_silent_ranks
 
         print_errors([f"rank {os.environ.get('RANK', '0')}: lost contact with another process during a collective: "
                       f"{describe_silent_ranks()} (a process that died, or hung past faults.collective_timeout_s = "

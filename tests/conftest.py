@@ -83,7 +83,7 @@ def reference_run(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def digits_root():
-    from framework.data import ensure_digits_folder
+    from framework.data.loaders import ensure_digits_folder
 
     return ensure_digits_folder()
 
@@ -97,8 +97,8 @@ def train_in_process():
 
     from accelerate.state import AcceleratorState, GradientState, PartialState
 
-    from framework.recipe import resolve_recipe
-    from framework.train import train
+    from framework.recipe.resolve import resolve_recipe
+    from framework.training.loop import train
 
     handler = signal.getsignal(signal.SIGTERM)
 

@@ -10,7 +10,7 @@ import torch
 from conftest import ROOT, check_ok, launch, read_metrics, read_summary
 from safetensors.torch import load_file
 
-from framework.faults import NonFiniteError
+from framework.distributed.faults import NonFiniteError
 
 pytestmark = pytest.mark.slow
 OVERFLOWING = 2.0**24  # scaled logit gradients of about 2**24 / batch overflow fp16 (max 65504)

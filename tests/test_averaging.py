@@ -10,7 +10,7 @@ import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from framework.averaging import AVERAGERS, WeightAverager, create_rule
-from framework.schema import AveragingConfig
+from framework.recipe.schema import AveragingConfig
 
 
 def _trajectory(model, steps: int, seed: int = 0):

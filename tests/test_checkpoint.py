@@ -9,7 +9,7 @@ import pickle
 import pytest
 import torch
 
-from framework.checkpoint import (
+from framework.checkpoint.store import (
     CheckpointError,
     check_checkpoint,
     checkpoint_tag,
@@ -19,7 +19,7 @@ from framework.checkpoint import (
     resolve_resume,
     save_checkpoint,
 )
-from framework.faults import NonFiniteError, StepControl
+from framework.distributed.faults import NonFiniteError, StepControl
 
 
 def _tag(n: int) -> str:
@@ -161,7 +161,7 @@ def _partition(full: dict, layout: dict, key: str, sizes: list[int]) -> list[tor
 def test_zero_partitions_are_re_cut_for_another_world_size():
     """Weights, momentum and averages saved by 2 processes, re-cut for 3: each new partition holds
     exactly its slice of every parameter; scalars come from old rank 0."""
-    from framework.zero_reshard import reshard
+    from framework.checkpoint.zero_reshard import reshard
 
     sizes = {"a": 10, "b": 7, "c": 1}
     g = torch.Generator().manual_seed(0)

@@ -9,7 +9,7 @@ import sys
 import pytest
 from conftest import ROOT, check_ok, clean_env, launch, read_summary
 
-from framework.wandb_file import find_run_files
+from framework.reporting.wandb_file import find_run_files
 
 pytestmark = pytest.mark.slow
 RUNS = {"local-s0": ["bn.mode=local", "seed=0"], "local-s1": ["bn.mode=local", "seed=1"], "reduce-s0": ["bn.mode=reduce", "seed=0"]}
@@ -59,7 +59,7 @@ def test_a_tiny_cell_of_the_fashion_mnist_grid_runs_resumes_and_keeps_the_digits
     invocation skips the finished run; the page keeps the digits section and gains one Fashion-MNIST section."""
     import shutil
 
-    from framework.fashion_mnist import missing_files
+    from framework.data.fashion_mnist import missing_files
 
     if missing_files(None):
         pytest.skip("Fashion-MNIST not installed (apt-get install dataset-fashion-mnist; .ci/run does it)")

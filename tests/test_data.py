@@ -7,8 +7,8 @@ from collections import Counter
 import pytest
 import timm
 
-from framework.data import PaddedEval, create_datasets, create_loaders, ensure_digits_folder
-from framework.schema import AugmentConfig, DataConfig
+from framework.data.loaders import PaddedEval, create_datasets, create_loaders, ensure_digits_folder
+from framework.recipe.schema import AugmentConfig, DataConfig
 
 
 def test_digits_folder_is_real_images_with_a_fixed_split(digits_root, tmp_path):
@@ -88,7 +88,7 @@ def test_with_workers_a_resumed_epoch_repeats_the_interrupted_one_bitwise(digits
 
 
 def _fashion_mnist_or_skip():
-    from framework.fashion_mnist import DEBIAN_ROOT, missing_files
+    from framework.data.fashion_mnist import DEBIAN_ROOT, missing_files
 
     if missing_files(None):  # .ci/run installs it (as root); elsewhere: apt-get install dataset-fashion-mnist
         pytest.skip(f"Fashion-MNIST IDX files not in {DEBIAN_ROOT} (Debian package dataset-fashion-mnist)")
@@ -97,7 +97,7 @@ def _fashion_mnist_or_skip():
 def test_fashion_mnist_reads_the_debian_files_through_timm(tmp_path, monkeypatch):
     import torch
 
-    from framework.fashion_mnist import ensure_raw_folder
+    from framework.data.fashion_mnist import ensure_raw_folder
 
     _fashion_mnist_or_skip()
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
@@ -129,8 +129,8 @@ def test_a_training_subset_is_the_same_for_every_run_and_seed(digits_root):
 def test_missing_fashion_mnist_files_are_a_one_line_validation_error(tmp_path):
     from conftest import ROOT
 
-    from framework.errors import RecipeError
-    from framework.recipe import resolve_recipe
+    from framework.recipe.errors import RecipeError
+    from framework.recipe.resolve import resolve_recipe
 
     with pytest.raises(RecipeError) as err:
         resolve_recipe(ROOT / "recipes" / "quickstart.yaml", ["data.source=fashion_mnist", f"data.root={tmp_path}"])

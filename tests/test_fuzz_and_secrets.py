@@ -10,8 +10,8 @@ from conftest import ROOT, check_ok, clean_env, launch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from framework.errors import RecipeError
-from framework.recipe import load_raw, resolve_recipe
+from framework.recipe.errors import RecipeError
+from framework.recipe.resolve import load_raw, resolve_recipe
 
 BASE = load_raw(ROOT / "recipes" / "quickstart.yaml")
 SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-10**12, 10**12), st.floats(allow_nan=True, allow_infinity=True),

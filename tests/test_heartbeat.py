@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = """
 import time
 import torch.distributed as dist
-import framework.heartbeat as heartbeat
+import framework.distributed.heartbeat as heartbeat
 heartbeat.INTERVAL_S = 0.0
 store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
 beat = heartbeat.Heartbeat("127.0.0.1", store.port, "test", 0, 1).start()

@@ -213,7 +213,7 @@ def test_an_unreachable_wandb_server_falls_back_to_offline_under_auto(train_in_p
 
 
 def test_explicit_online_that_cannot_start_stops_before_training(train_in_process, tmp_path, monkeypatch):
-    from framework.tracking import LoggerStartError
+    from framework.reporting.tracking import LoggerStartError
 
     for k, v in UNREACHABLE_WANDB.items():
         monkeypatch.setenv(k, v)

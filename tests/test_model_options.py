@@ -7,8 +7,8 @@ import pytest
 import torch
 from conftest import ROOT
 
-from framework.errors import RecipeError
-from framework.recipe import resolve_recipe
+from framework.recipe.errors import RecipeError
+from framework.recipe.resolve import resolve_recipe
 
 QUICKSTART = ROOT / "recipes" / "quickstart.yaml"
 
@@ -22,7 +22,7 @@ def _errors(overrides: list[str], recipe=QUICKSTART) -> str:
 # ---- model: image size, keywords, BN settings -------------------------------------------------------
 
 def test_image_size_builds_the_model_for_it():
-    from framework.models import create_model
+    from framework.training.models import create_model
 
     r = resolve_recipe(QUICKSTART, ["model.name=test_coatnet", "data.image_size=64"])
     model, _ = create_model(r.model, r.data.image_size)
@@ -37,7 +37,7 @@ def test_a_size_the_model_cannot_take_is_refused(model, size, needs):
 
 
 def test_model_kwargs_reach_timm_and_unknown_ones_are_named():
-    from framework.models import create_model
+    from framework.training.models import create_model
 
     r = resolve_recipe(QUICKSTART, ["model.name=test_resnet", "model.kwargs.global_pool=max", "model.kwargs.drop_block_rate=0.1"])
     model, _ = create_model(r.model, r.data.image_size)
@@ -47,7 +47,7 @@ def test_model_kwargs_reach_timm_and_unknown_ones_are_named():
 
 
 def test_bn_momentum_and_eps_set_every_bn_layer_and_need_one():
-    from framework.models import create_model
+    from framework.training.models import create_model
 
     r = resolve_recipe(QUICKSTART, ["model.name=test_efficientnet", "model.bn_momentum=0.01", "model.bn_eps=0.001"])
     model, _ = create_model(r.model, r.data.image_size)
@@ -63,7 +63,7 @@ def test_pretrained_file_keeps_the_classifier_when_its_shape_fits(tmp_path):
     import timm
     from safetensors.torch import save_file
 
-    from framework.models import create_model
+    from framework.training.models import create_model
 
     source = timm.create_model("test_resnet", num_classes=10)
     save_file(source.state_dict(), str(tmp_path / "w.safetensors"))
@@ -78,7 +78,7 @@ def test_pretrained_file_drops_only_what_does_not_fit_and_says_so(tmp_path):
     import timm
     from safetensors.torch import save_file
 
-    from framework.models import create_model
+    from framework.training.models import create_model
 
     source = timm.create_model("test_resnet", num_classes=1000)
     save_file(source.state_dict(), str(tmp_path / "w.safetensors"))
@@ -95,7 +95,7 @@ def test_pretrained_vit_at_another_size_keeps_its_position_embedding(tmp_path):
     import timm
     from safetensors.torch import save_file
 
-    from framework.models import create_model
+    from framework.training.models import create_model
 
     source = timm.create_model("test_vit", num_classes=10, img_size=32)
     save_file(source.state_dict(), str(tmp_path / "w.safetensors"))
@@ -119,7 +119,7 @@ def test_pretrained_true_reads_the_local_hub_cache_only(tmp_path, monkeypatch):
     import huggingface_hub.constants
     import timm
 
-    from framework.models import create_model
+    from framework.training.models import create_model
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
     text = _errors(["model.name=resnet18", "model.pretrained=true"])
@@ -134,7 +134,7 @@ def test_pretrained_true_reads_the_local_hub_cache_only(tmp_path, monkeypatch):
 def test_pretrained_config_gives_interpolation_and_crop_unless_the_recipe_does():
     import timm
 
-    from framework.data import resolve_pipeline
+    from framework.data.loaders import resolve_pipeline
 
     r = resolve_recipe(QUICKSTART)
     model = timm.create_model("resnet18", num_classes=10)  # its config: bicubic, crop 0.95
@@ -147,7 +147,7 @@ def test_pretrained_config_gives_interpolation_and_crop_unless_the_recipe_does()
 # ---- schedules, averaging start, optimizers -----------------------------------------------------------
 
 def _lrs(overrides: list[str], epochs: int, metric=None) -> list[float]:
-    from framework.builders import create_scheduler
+    from framework.training.builders import create_scheduler
 
     r = resolve_recipe(QUICKSTART, [f"schedule.epochs={epochs}", "schedule.warmup_epochs=0", *overrides])
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=r.optimizer.lr)
@@ -169,7 +169,7 @@ def test_multistep_decays_at_the_recipes_milestones():
 
 
 def test_plateau_steps_per_epoch_on_the_named_metric_and_its_counters_survive_a_checkpoint():
-    from framework.builders import create_scheduler, load_scheduler_state_dict, scheduler_state_dict
+    from framework.training.builders import create_scheduler, load_scheduler_state_dict, scheduler_state_dict
 
     # top-1 stops improving after epoch 1; patience 1: the decay comes two epochs later
     lrs = _lrs(["schedule.name=plateau", "schedule.patience_epochs=1"], 5, metric=lambda e: 50.0)
@@ -197,7 +197,7 @@ def test_every_optimizer_validation_accepts_takes_a_step():
     import timm.optim
     import torch.nn.functional as F
 
-    from framework.builders import create_optimizer
+    from framework.training.builders import create_optimizer
 
     refused = {}
     for name in timm.optim.list_optimizers():
@@ -230,7 +230,7 @@ def _folder(root, splits: dict[str, list[str]]):
 
 def test_a_validation_split_lacking_a_class_keeps_the_training_numbering(tmp_path):
     """The defect: timm numbered val's folders on their own, so 'cat, fish' became 0, 1 instead of 0, 2."""
-    from framework.data import create_datasets
+    from framework.data.loaders import create_datasets
 
     root = _folder(tmp_path / "d", {"train": ["cat", "dog", "fish"], "val": ["cat", "fish"]})
     r = resolve_recipe(QUICKSTART, ["data.source=folder", f"data.root={root}", "model.num_classes=3"])
@@ -245,7 +245,7 @@ def test_classes_outside_the_class_map_are_refused(tmp_path):
     (tmp_path / "classes.txt").write_text("dog\ncat\nemu\n")
     r = resolve_recipe(QUICKSTART, ["data.source=folder", f"data.root={root}", "model.num_classes=3",
                                     f"data.class_map={tmp_path / 'classes.txt'}"])
-    from framework.data import create_datasets
+    from framework.data.loaders import create_datasets
 
     train, val = create_datasets(r.data, None, 3, 3, 0)
     assert sorted(t for _, t in train) == [0, 1] and sorted(t for _, t in val) == [1, 2]
@@ -256,7 +256,7 @@ def test_classes_outside_the_class_map_are_refused(tmp_path):
 # ---- the front door's process and thread counts ----------------------------------------------------------
 
 def test_front_door_gives_each_cpu_process_its_share_of_cores():
-    from framework.launcher import resolve_launch
+    from framework.distributed.launcher import resolve_launch
 
     assert resolve_launch("1", 0, 2, {})[1]["OMP_NUM_THREADS"] == "2"  # torch elastic would give 1
     assert resolve_launch("2", 0, 2, {})[1]["OMP_NUM_THREADS"] == "1"
@@ -277,7 +277,7 @@ def test_each_process_draws_from_its_own_streams_and_a_seed_repeats_them():
 
     import numpy as np
 
-    from framework.sampling import seed_process_streams
+    from framework.data.sampling import seed_process_streams
 
     def draws(rank: int):
         seed_process_streams(7, rank)

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from conftest import ENTRY, ROOT, clean_env, launch
 
-from framework.errors import RecipeError
-from framework.recipe import parse_overrides, resolve_recipe
+from framework.recipe.errors import RecipeError
+from framework.recipe.resolve import parse_overrides, resolve_recipe
 
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
 GOOD = """\
@@ -23,7 +23,7 @@ schedule: {epochs: 2}
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
 def test_every_recipe_validates(path):
-    from framework.fashion_mnist import missing_files
+    from framework.data.fashion_mnist import missing_files
 
     if "fashion_mnist" in path.read_text() and missing_files(None):
         pytest.skip("Fashion-MNIST not installed (apt-get install dataset-fashion-mnist; .ci/run does it)")

@@ -12,7 +12,7 @@ import torch
 from conftest import REFERENCE_ARGS, check_ok, launch, read_metrics, start_launch, wait_workers
 from safetensors.torch import load_file
 
-from framework.data import ShardSampler
+from framework.data.loaders import ShardSampler
 
 pytestmark = pytest.mark.slow
 ARGS = REFERENCE_ARGS
@@ -116,7 +116,7 @@ def test_divergence_is_refused_at_the_same_step_on_every_process(tmp_path):
 
     found = re.findall(r"error: non-finite loss, gradients or BN statistics at step (\d+) \(seen from rank (\d)\)", proc.stderr)
     assert len(found) == 2 and len({step for step, _ in found}) == 1 and {r for _, r in found} == {"0", "1"}, proc.stderr[-3000:]
-    from framework.checkpoint import load_rank_state
+    from framework.checkpoint.store import load_rank_state
 
     ckpts = sorted((out / "checkpoints").glob("epoch-*"))
     assert ckpts  # the steps before divergence were checkpointed, and hold only finite values
@@ -218,7 +218,7 @@ def test_an_output_dir_held_by_a_live_run_is_refused_before_anything_starts(tmp_
 
     from conftest import ENTRY, ROOT, clean_env
 
-    from framework.output_lock import OutputLock
+    from framework.distributed.output_lock import OutputLock
 
     out = tmp_path / "run"
     lock = OutputLock(out).acquire()

@@ -16,8 +16,8 @@ import pytest
 import yaml
 from conftest import ROOT, check_ok, clean_env, free_port, read_summary
 
-from framework.recipe import resolve_recipe
-from framework.wandb_file import find_run_files, read_run
+from framework.recipe.resolve import resolve_recipe
+from framework.reporting.wandb_file import find_run_files, read_run
 
 SWEEPS = sorted((ROOT / "launch" / "sweeps").glob("*.yaml"))
 

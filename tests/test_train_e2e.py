@@ -10,7 +10,7 @@ import pytest
 import yaml
 from conftest import REFERENCE_ARGS, ROOT, check_ok, launch, read_metrics, read_summary
 
-from framework.wandb_file import find_run_files, read_run
+from framework.reporting.wandb_file import find_run_files, read_run
 
 pytestmark = pytest.mark.slow
 QUICKSTART = str(ROOT / "recipes" / "quickstart.yaml")
@@ -133,7 +133,7 @@ def test_exported_models_load_with_timm_alone_and_reproduce_top1(run2, kind):
     out, _ = run2
     s = read_summary(out)
     model = timm.create_model("resnet18", num_classes=10, checkpoint_path=str(out / f"model_{kind}.safetensors")).eval()
-    from framework.data import ensure_digits_folder
+    from framework.data.loaders import ensure_digits_folder
 
     tf = create_transform(32, crop_pct=1.0, mean=model.pretrained_cfg["mean"], std=model.pretrained_cfg["std"])
     val = create_dataset("", root=str(ensure_digits_folder()), split="val", transform=tf)
@@ -147,7 +147,7 @@ def test_exported_models_load_with_timm_alone_and_reproduce_top1(run2, kind):
 
 
 def test_precisions_a_cpu_cannot_run_fall_back_to_fp32_and_say_why():
-    from framework.builders import resolve_precision
+    from framework.training.builders import resolve_precision
 
     assert resolve_precision("fp16", cuda=False) == ("fp16", None)  # CPU autocast and GradScaler under DDP
     assert resolve_precision("fp16", cuda=False, deepspeed=True)[0] == "fp32"

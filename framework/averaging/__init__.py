@@ -14,7 +14,7 @@ import torch
 from framework.averaging.ema import EMA
 from framework.averaging.swa import SWA
 from framework.averaging.tensors import AveragedTensors
-from framework.comm_meter import CommMeter
+from framework.distributed.comm_meter import CommMeter
 
 AVERAGERS = {"swa": SWA, "ema": EMA}
 

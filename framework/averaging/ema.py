@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from framework.fields import spec
+from framework.recipe.fields import spec
 
 
 @dataclass(kw_only=True)

@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
-from framework.fields import spec
+from framework.recipe.fields import spec
 
 
 @dataclass(kw_only=True)

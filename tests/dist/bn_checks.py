@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 from framework.bn import BN_MODES, bn_buffers
 from framework.bn.recompute import recompute_bn_stats
-from framework.comm_meter import CommMeter
+from framework.distributed.comm_meter import CommMeter
 
 PER_RANK, BATCHES = 4, 3
 

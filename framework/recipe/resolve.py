@@ -11,10 +11,10 @@ import copy
 import math
 from pathlib import Path
 
-from framework.errors import RecipeError, show
-from framework.paths import check_output_dir, check_run_name
-from framework.schema import Recipe, convert_section, field_paths, open_mappings, suggest, to_dict
-from framework.yaml_io import load_yaml_file, parse_scalar
+from framework.checkpoint.paths import check_output_dir, check_run_name
+from framework.recipe.errors import RecipeError, show
+from framework.recipe.schema import Recipe, convert_section, field_paths, open_mappings, suggest, to_dict
+from framework.recipe.yaml_io import load_yaml_file, parse_scalar
 
 SCHEDULERS = ("cosine", "tanh", "step", "multistep", "plateau", "poly")
 MAX_BASE_DEPTH = 8
@@ -78,8 +78,8 @@ def _check_semantics(r: Recipe, errors: list[str]) -> None:
     import timm.optim
     import torch
 
-    from framework.builders import optimizer_refusal
-    from framework.models import check_model
+    from framework.training.builders import optimizer_refusal
+    from framework.training.models import check_model
 
     if not timm.is_model(r.model.name):
         errors.append(f"model.name = {r.model.name!r}: not a timm model{suggest(r.model.name, timm.list_models())}")
@@ -133,7 +133,7 @@ def _check_semantics(r: Recipe, errors: list[str]) -> None:
             if not missing:
                 _check_classes(r, errors)
     elif d.source == "fashion_mnist":
-        from framework.fashion_mnist import check_files
+        from framework.data.fashion_mnist import check_files
 
         check_files(d.root, errors)
     if d.source != "folder" and d.class_map is not None:
@@ -165,8 +165,8 @@ def _check_schedule(s, errors: list[str]) -> None:
 
 
 def _check_classes(r: Recipe, errors: list[str]) -> None:
-    """One class numbering for both splits (framework.data.folder_class_map): refuse what would shift labels."""
-    from framework.data import folder_class_map, split_classes
+    """One class numbering for both splits (framework.data.loaders.folder_class_map): refuse what would shift labels."""
+    from framework.data.loaders import folder_class_map, split_classes
 
     d, root = r.data, Path(r.data.root)
     if d.class_map is not None and not Path(d.class_map).is_file():

@@ -9,15 +9,15 @@ from pathlib import Path
 
 import torch
 
-from framework.heartbeat import Heartbeat
-from framework.schema import BackendConfig, OptimizerConfig, ScheduleConfig
+from framework.distributed.heartbeat import Heartbeat
+from framework.recipe.schema import BackendConfig, OptimizerConfig, ScheduleConfig
 
 _PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 
 
 def resolve_precision(requested: str, cuda: bool, deepspeed: bool = False) -> tuple[str, str | None]:
     """Precision to run with and, when it differs from the request, why. Under DDP every precision runs on
-    CPU too (torch's CPU autocast and GradScaler, framework/amp.py); DeepSpeed's engine casts the model,
+    CPU too (torch's CPU autocast and GradScaler, framework/training/amp.py); DeepSpeed's engine casts the model,
     and CPU BatchNorm refuses mixed dtypes."""
     if requested != "fp32" and deepspeed and not cuda:
         return "fp32", f"backend.precision = {requested!r} under DeepSpeed needs a GPU; running in fp32 on CPU"
@@ -29,7 +29,7 @@ DEEPSPEED_CONFIGS = Path(__file__).resolve().parents[1] / "launch" / "deepspeed"
 
 def create_deepspeed_config(cfg: BackendConfig, micro_batch_size: int, clip_grad: float | None) -> dict:
     """launch/deepspeed/zero<stage>.json with the values the recipe decides filled in."""
-    from framework.amp import deepspeed_fp16_config
+    from framework.training.amp import deepspeed_fp16_config
 
     config = json.loads((DEEPSPEED_CONFIGS / f"zero{cfg.zero_stage}.json").read_text())
     config.update(train_micro_batch_size_per_gpu=micro_batch_size, gradient_accumulation_steps=1,
@@ -106,7 +106,7 @@ def create_accelerator(cfg: BackendConfig, micro_batch_size: int, clip_grad: flo
     # On a CPU machine a plain Accelerator under a multi-process launch tells every rank it is
     # rank 0 of 1; cpu=True gives MULTI_CPU over gloo with real ranks.
     pg = InitProcessGroupKwargs(timeout=timedelta(seconds=timeout_s))
-    # Autocast and the loss scaler are framework/amp.py's, on CPU and GPU alike
+    # Autocast and the loss scaler are framework/training/amp.py's, on CPU and GPU alike
     accelerator = Accelerator(cpu=not cuda, mixed_precision="no", kwargs_handlers=[ddp, pg])
     if note and accelerator.is_main_process:
         print(f"note: {note}", flush=True)

@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
-from framework.sampling import EpochTagged, SeededAugmentation, ShardSampler
-from framework.schema import DataConfig
+from framework.data.sampling import EpochTagged, SeededAugmentation, ShardSampler
+from framework.recipe.schema import DataConfig
 
 DIGITS_VERSION = "v1"  # bump when the split or encoding changes: invalidates caches
 DIGITS_VAL_FRACTION = 0.2
@@ -144,7 +144,7 @@ def create_datasets(cfg: DataConfig, model, num_classes: int, in_chans: int, see
         return make(cfg.synthetic_train_size, seed), make(cfg.synthetic_val_size, seed + 1)
     from timm.data import create_dataset, create_transform
 
-    from framework import fashion_mnist
+    from framework.data import fashion_mnist
 
     stats = (fashion_mnist.MEAN * in_chans, fashion_mnist.STD * in_chans) if cfg.source == "fashion_mnist" else None
     p = resolve_pipeline(cfg, model, pretrained, stats)

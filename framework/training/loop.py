@@ -9,21 +9,19 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from framework.amp import MixedPrecision, create_precision
 from framework.averaging import WeightAverager, create_rule
 from framework.averaging.views import create_view
 from framework.bn import BN_MODES, bn_buffers, swapped
 from framework.bn.sources import NO_STATS, create_sources
-from framework.builders import create_accelerator, create_optimizer, create_scheduler
-from framework.checkpoint import checkpoint_tag, save_checkpoint
-from framework.data import create_datasets, create_loaders
-from framework.engine_state import create_engine_state
-from framework.evaluation import AveragedEval, evaluate, harmonized_bn, isolated_rng
-from framework.export import detached_state_dict, save_state_dict
-from framework.faults import StepControl
-from framework.models import create_model
-from framework.recipe import recipe_to_dict
-from framework.report import (
+from framework.checkpoint.engine_state import create_engine_state
+from framework.checkpoint.resume import capture, resume_run
+from framework.checkpoint.store import checkpoint_tag, save_checkpoint
+from framework.data.loaders import create_datasets, create_loaders
+from framework.data.sampling import seed_process_streams
+from framework.distributed.faults import StepControl
+from framework.recipe.resolve import recipe_to_dict
+from framework.recipe.schema import Recipe
+from framework.reporting.summary import (
     build_summary,
     check_same_recipe,
     epoch_record,
@@ -32,9 +30,11 @@ from framework.report import (
     gather_digests,
     progress_bar,
 )
-from framework.resume import capture, resume_run
-from framework.sampling import seed_process_streams
-from framework.schema import Recipe
+from framework.training.amp import MixedPrecision, create_precision
+from framework.training.builders import create_accelerator, create_optimizer, create_scheduler
+from framework.training.evaluation import AveragedEval, evaluate, harmonized_bn, isolated_rng
+from framework.training.export import detached_state_dict, save_state_dict
+from framework.training.models import create_model
 
 
 class Interrupted(SystemExit):
@@ -161,7 +161,7 @@ def train(recipe: Recipe) -> dict:
     """Run a validated recipe on the current launch. Returns the summary (on every process)."""
     from accelerate.utils import set_seed
 
-    from framework.tracking import create_logger
+    from framework.reporting.tracking import create_logger
 
     accelerator, precision = create_accelerator(recipe.backend, recipe.data.batch_size, recipe.optimizer.clip_grad,
                                                  recipe.faults.collective_timeout_s)

@@ -27,7 +27,7 @@ class Run:
     batch: int
     mode: str
     seed: int
-    metrics: dict  # framework.compare._metrics: "live top1", "avg+<source> top1", "images/s", ...
+    metrics: dict  # framework.reporting.compare._metrics: "live top1", "avg+<source> top1", "images/s", ...
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ import random
 import numpy as np
 import torch
 
-from framework.builders import load_scheduler_state_dict, scheduler_state_dict
+from framework.training.builders import load_scheduler_state_dict, scheduler_state_dict
 
 
 def capture(state, engine_state, sources: dict, position: dict, epoch_stats: dict | None,
@@ -66,11 +66,16 @@ def resume_run(recipe, out, state, engine_state, sources: dict, accelerator) -> 
 
     import torch.distributed as dist
 
-    from framework.checkpoint import CheckpointError, checkpoint_world_size, load_rank_state, resolve_resume
+    from framework.checkpoint.store import (
+        CheckpointError,
+        checkpoint_world_size,
+        load_rank_state,
+        resolve_resume,
+    )
 
     world = accelerator.num_processes
     fresh = {"epoch": 0, "samples_in_epoch": 0, "epoch_stats": None, "records": []}
-    root = out / "checkpoints"  # no links there: checked with the recipe (framework/paths.py)
+    root = out / "checkpoints"  # no links there: checked with the recipe (framework/checkpoint/paths.py)
     choice = [None]
     if accelerator.is_main_process:
         try:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from framework import zero_reshard
+from framework.checkpoint import zero_reshard
 
 ENGINE_COUNTERS = ("global_steps", "global_samples", "skipped_steps", "micro_steps")
 

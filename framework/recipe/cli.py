@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from framework.errors import RecipeError, print_errors
-from framework.recipe import recipe_to_dict, resolve_recipe
-from framework.schema import Recipe
-from framework.yaml_io import dump_yaml
+from framework.recipe.errors import RecipeError, print_errors
+from framework.recipe.resolve import recipe_to_dict, resolve_recipe
+from framework.recipe.schema import Recipe
+from framework.recipe.yaml_io import dump_yaml
 
 USER_ERROR = 2
 

@@ -18,8 +18,8 @@ from typing import Any, Literal
 from framework.averaging import AVERAGERS
 from framework.bn import BN_MODES
 from framework.bn.sources import BN_SOURCES
-from framework.errors import show
-from framework.fields import spec
+from framework.recipe.errors import show
+from framework.recipe.fields import spec
 
 
 @dataclass(kw_only=True)

@@ -10,8 +10,8 @@ import sys
 
 import torch
 
-from framework.recipe import recipe_to_dict
-from framework.schema import Recipe
+from framework.recipe.resolve import recipe_to_dict
+from framework.recipe.schema import Recipe
 
 
 def _reduce(accelerator, values: list[float] | torch.Tensor, op: str = "sum") -> torch.Tensor:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from framework.schema import ModelConfig
+from framework.recipe.schema import ModelConfig
 
 HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 

@@ -59,15 +59,15 @@ def _free_port() -> int:
 
 
 def train_main(argv: list[str]) -> int:
-    from framework.cli import USER_ERROR, load_or_exit
-    from framework.errors import print_errors
+    from framework.recipe.cli import USER_ERROR, load_or_exit
+    from framework.recipe.errors import print_errors
 
     num_processes, argv = _pop_option(argv, "--num-processes")
     if not argv:
         print_errors([USAGE])
         return USER_ERROR
     recipe = load_or_exit(argv)  # one line per problem and exit 2; nothing written, nothing launched
-    from framework.output_lock import OutputBusy, check_output_free
+    from framework.distributed.output_lock import OutputBusy, check_output_free
 
     try:
         check_output_free(Path(recipe.output.dir))  # the workers take the lock; refuse here, before any launch

@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from framework.errors import RecipeError, show
+from framework.recipe.errors import RecipeError, show
 
 # YAML 1.2 floats: the exponent does not need a dot (`1e-5`, `3E2`).
 _FLOAT = re.compile(

@@ -12,8 +12,8 @@ import os
 import re
 from pathlib import Path
 
-from framework.paths import redirect_tool_dirs, temp_beside
-from framework.yaml_io import dump_yaml
+from framework.checkpoint.paths import redirect_tool_dirs, temp_beside
+from framework.recipe.yaml_io import dump_yaml
 
 SECRET_NAME = re.compile(r"(_KEY|_TOKEN|_SECRET|PASSWORD)$", re.I)
 

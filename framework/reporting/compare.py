@@ -17,7 +17,7 @@ from pathlib import Path
 import yaml
 
 from framework.bn.sources import BN_SOURCES, NO_STATS
-from framework.tracking import flatten
+from framework.reporting.tracking import flatten
 
 NOT_COMPARED = ("name", "seed", "output.", "logging.")  # bookkeeping, or what groups runs
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from framework.paths import temp_beside
+from framework.checkpoint.paths import temp_beside
 
 
 def detached_state_dict(accelerator, model) -> dict[str, torch.Tensor]:
