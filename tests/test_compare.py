@@ -80,3 +80,4 @@ def test_a_tiny_cell_of_the_fashion_mnist_grid_runs_resumes_and_keeps_the_digits
     assert text.count("<!-- grid:digits -->") == 1 and "## Measured on the bundled digits" in text
     assert text.count("<!-- grid:fashion_mnist -->") == 1 and "## Measured on Fashion-MNIST" in text
     assert (page.parent / "results" / "fashion_mnist" / "top1_per_epoch.png").is_file()
+
