@@ -23,6 +23,8 @@ def capture(state, engine_state, sources: dict, position: dict, epoch_stats: dic
     rng = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
+    if state.mixup is not None:
+        rng["mixup"] = state.mixup.state_dict()
     engine = engine_state.state_dict()  # model, optimizer, engine counters
     averager = state.averager.state_dict() if state.averager is not None else None
     own = {"sources": {name: s.state_dict() for name, s in sources.items()}, "rng": rng,
@@ -58,6 +60,8 @@ def restore(saved: dict, state, engine_state, sources: dict, same_world: bool, b
         np.random.set_state(rng["numpy"])
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
+        if state.mixup is not None and "mixup" in rng:
+            state.mixup.load_state_dict(rng["mixup"])
 
 
 def resume_run(recipe, out, state, engine_state, sources: dict, accelerator) -> dict:

@@ -122,6 +122,29 @@ def resolve_pipeline(cfg: DataConfig, model, pretrained: bool, stats: tuple | No
     )
 
 
+def create_train_transform(cfg: DataConfig, p: Pipeline):
+    """timm's training transform with the recipe's `data.augment` (its flag names: auto_augment, re_prob, ...)."""
+    from timm.data import create_transform
+
+    aug = cfg.augment
+    return create_transform(
+        cfg.image_size, is_training=True, scale=tuple(aug.scale), ratio=tuple(aug.ratio), hflip=aug.hflip,
+        vflip=aug.vflip, color_jitter=aug.color_jitter, auto_augment=aug.auto_augment, re_prob=aug.re_prob,
+        re_mode=aug.re_mode, re_count=aug.re_count, interpolation=p.interpolation, mean=p.mean, std=p.std,
+    )
+
+
+def check_augment(cfg: DataConfig, errors: list[str]) -> None:
+    """A policy string timm cannot parse is a validation error, not a crash in the first batch."""
+    if cfg.augment.auto_augment is None:
+        return
+    try:
+        create_train_transform(cfg, Pipeline((0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bilinear", 1.0))
+    except (AssertionError, ValueError, KeyError, IndexError) as e:
+        errors.append(f"data.augment.auto_augment = {cfg.augment.auto_augment!r}: timm cannot parse it ({type(e).__name__}: "
+                      f"{e}); e.g. rand-m9-mstd0.5-inc1, augmix-m5-w4-d2, v0, original")
+
+
 def _natural_key(name: str) -> list:
     return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", name)]
 
@@ -148,11 +171,7 @@ def create_datasets(cfg: DataConfig, model, num_classes: int, in_chans: int, see
 
     stats = (fashion_mnist.MEAN * in_chans, fashion_mnist.STD * in_chans) if cfg.source == "fashion_mnist" else None
     p = resolve_pipeline(cfg, model, pretrained, stats)
-    aug = cfg.augment
-    train_tf = create_transform(
-        cfg.image_size, is_training=True, scale=tuple(aug.scale), ratio=tuple(aug.ratio), hflip=aug.hflip,
-        color_jitter=aug.color_jitter, interpolation=p.interpolation, mean=p.mean, std=p.std,
-    )
+    train_tf = create_train_transform(cfg, p)
     eval_tf = create_transform(cfg.image_size, is_training=False, crop_pct=p.crop_pct, interpolation=p.interpolation,
                                mean=p.mean, std=p.std)
     if cfg.source == "fashion_mnist":

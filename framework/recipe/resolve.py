@@ -78,7 +78,10 @@ def _check_semantics(r: Recipe, errors: list[str]) -> None:
     import timm.optim
     import torch
 
+    from framework.data.loaders import check_augment
+    from framework.data.mixup import check_mixup
     from framework.training.builders import optimizer_refusal
+    from framework.training.losses import check_loss
     from framework.training.models import check_model
 
     if not timm.is_model(r.model.name):
@@ -90,6 +93,9 @@ def _check_semantics(r: Recipe, errors: list[str]) -> None:
     elif (why := optimizer_refusal(r.optimizer.name, torch.cuda.is_available())) is not None:
         errors.append(f"optimizer.name = {r.optimizer.name!r}: not supported: {why}")
     _check_schedule(r.schedule, errors)
+    check_augment(r.data, errors)
+    check_mixup(r.mixup, r.data.batch_size, r.schedule.epochs, errors)
+    check_loss(r.loss, r.mixup.active, errors)
     a = r.averaging
     if a.strategy != "none" and a.start_epoch is not None and a.start_epoch >= r.schedule.epochs:
         errors.append(f"averaging.start_epoch = {a.start_epoch}: averaging would never start; must be < schedule.epochs "

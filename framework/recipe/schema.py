@@ -41,7 +41,12 @@ class AugmentConfig:
     scale: list[float] = spec(factory=lambda: [0.08, 1.0], doc="RandomResizedCrop scale range")
     ratio: list[float] = spec(factory=lambda: [0.75, 1.3333333])
     hflip: float = spec(0.5, ge=0.0, le=1.0)
+    vflip: float = spec(0.0, ge=0.0, le=1.0)
     color_jitter: float = spec(0.0, ge=0.0)
+    auto_augment: str | None = spec(None, doc="timm's policy string: rand-m9-mstd0.5-inc1, augmix-m5-w4-d2, v0, ...")
+    re_prob: float = spec(0.0, ge=0.0, le=1.0, doc="random erasing probability")
+    re_mode: Literal["const", "rand", "pixel"] = spec("pixel")
+    re_count: int = spec(1, ge=1)
 
 
 @dataclass(kw_only=True)
@@ -65,6 +70,28 @@ class DataConfig:
         None, doc="resize interpolation; with pretrained weights defaults to their config, else bilinear")
     crop_pct: float | None = spec(None, gt=0.0, le=1.0, doc="eval center crop; with pretrained weights defaults to their config, else 1")
     augment: AugmentConfig = spec(factory=AugmentConfig)
+
+
+@dataclass(kw_only=True)
+class MixupConfig:
+    mixup_alpha: float = spec(0.0, ge=0.0, doc="timm.data.Mixup; 0 with cutmix_alpha 0: off")
+    cutmix_alpha: float = spec(0.0, ge=0.0)
+    cutmix_minmax: list[float] | None = spec(None, doc="CutMix box ratio range; overrides cutmix_alpha")
+    prob: float = spec(1.0, ge=0.0, le=1.0, doc="probability of mixing a batch (or element)")
+    switch_prob: float = spec(0.5, ge=0.0, le=1.0, doc="probability of CutMix instead of Mixup when both are on")
+    mode: Literal["batch", "pair", "elem"] = spec("batch")
+    off_epoch: int | None = spec(None, ge=0, doc="no mixing from this epoch on (0-based, as timm's --mixup-off-epoch)")
+
+    @property
+    def active(self) -> bool:
+        return self.mixup_alpha > 0 or self.cutmix_alpha > 0 or self.cutmix_minmax is not None
+
+
+@dataclass(kw_only=True)
+class LossConfig:
+    name: Literal["ce", "soft_ce", "bce"] = spec("ce", doc="training loss; evaluation is plain cross-entropy on hard labels")
+    smoothing: float = spec(0.0, ge=0.0, lt=1.0, doc="label smoothing (given to Mixup when it is on)")
+    bce_target_thresh: float | None = spec(None, gt=0.0, le=1.0, doc="bce: targets above it become 1")
 
 
 @dataclass(kw_only=True)
@@ -182,6 +209,8 @@ class Recipe:
     seed: int = spec(0, ge=0)
     model: ModelConfig = spec()
     data: DataConfig = spec(factory=DataConfig)
+    mixup: MixupConfig = spec(factory=MixupConfig)
+    loss: LossConfig = spec(factory=LossConfig)
     optimizer: OptimizerConfig = spec(factory=OptimizerConfig)
     schedule: ScheduleConfig = spec(factory=ScheduleConfig)
     averaging: AveragingConfig = spec(factory=AveragingConfig)

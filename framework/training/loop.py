@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from framework.averaging import WeightAverager, create_rule
 from framework.averaging.views import create_view
@@ -17,6 +16,7 @@ from framework.checkpoint.engine_state import create_engine_state
 from framework.checkpoint.resume import capture, resume_run
 from framework.checkpoint.store import checkpoint_tag, save_checkpoint
 from framework.data.loaders import create_datasets, create_loaders
+from framework.data.mixup import MixupStream, create_mixup
 from framework.data.sampling import seed_process_streams
 from framework.distributed.faults import StepControl
 from framework.recipe.resolve import recipe_to_dict
@@ -34,6 +34,7 @@ from framework.training.amp import MixedPrecision, create_precision
 from framework.training.builders import create_accelerator, create_optimizer, create_scheduler
 from framework.training.evaluation import AveragedEval, evaluate, harmonized_bn, isolated_rng
 from framework.training.export import detached_state_dict, save_state_dict
+from framework.training.losses import CrossEntropy, create_loss
 from framework.training.models import create_model
 
 
@@ -58,6 +59,9 @@ class TrainState:
     bn_buffers: list = field(default_factory=list)  # live BN statistics, put back when a step is refused
     num_updates: int = 0
     amp: MixedPrecision = field(default_factory=lambda: MixedPrecision("fp32", torch.device("cpu")))
+    loss_fn: torch.nn.Module = field(default_factory=lambda: CrossEntropy(0.0))
+    mixup: MixupStream | None = None
+    epoch: int = 0  # the epoch being trained (0-based): Mixup stops at its off_epoch
 
     def after_update(self) -> None:
         """Schedule, then averaging (whose SWALR, once started, overrides the schedule's lr)."""
@@ -107,8 +111,10 @@ def train_one_epoch(state: TrainState, loader, max_steps: int | None = None, pro
         stats["data_wait"] += time.perf_counter() - t
         if bn_backup:
             torch._foreach_copy_(bn_backup, state.bn_buffers)
+        if state.mixup is not None:
+            images, targets = state.mixup(images, targets, state.epoch)
         with amp.autocast():
-            loss = F.cross_entropy(model(images), targets)
+            loss = state.loss_fn(model(images), targets)
         opt.zero_grad(set_to_none=True)
         acc.backward(amp.scale(loss))
         verdict = amp.unscale(opt, loss)  # gradients are unscaled from here on
@@ -193,7 +199,9 @@ def train(recipe: Recipe) -> dict:
     engine = model if recipe.backend.type == "deepspeed" else None
     amp = create_precision(precision, engine, device, scale.init, scale.growth_interval)
     state = TrainState(model, optimizer, scheduler, accelerator, recipe.optimizer.clip_grad, dtype, averager,
-                       len(loaders.train), live_bn, amp=amp)
+                       len(loaders.train), live_bn, amp=amp, loss_fn=create_loss(recipe.loss, recipe.mixup.active),
+                       mixup=create_mixup(recipe.mixup, recipe.loss, recipe.model.num_classes, recipe.seed,
+                                          accelerator.process_index))
     avg_eval = AveragedEval(module, view, live_bn, bn_mode, loaders.train, recipe.bn.recompute_batches, device,
                             amp.autocast, dtype)
     evaluate_live = lambda: evaluate(module, loaders.val, device, recipe.model.num_classes, amp.autocast, dtype)  # noqa: E731
@@ -248,6 +256,7 @@ def train(recipe: Recipe) -> dict:
 
     for epoch in range(resumed["epoch"], recipe.schedule.epochs):
         loaders.train_sampler.set_epoch(epoch)
+        state.epoch = epoch
         stats = None
         base.update(samples=0, steps=0)
         if epoch == resumed["epoch"] and resumed["samples_in_epoch"]:

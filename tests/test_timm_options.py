@@ -1,0 +1,113 @@
+"""What people bring from timm's train.py: augmentation policies, Mixup/CutMix, losses."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import ROOT
+
+from framework.recipe.errors import RecipeError
+from framework.recipe.resolve import resolve_recipe
+
+QUICKSTART = ROOT / "recipes" / "quickstart.yaml"
+
+
+def _errors(overrides: list[str]) -> str:
+    with pytest.raises(RecipeError) as err:
+        resolve_recipe(QUICKSTART, overrides)
+    return "\n".join(err.value.errors)
+
+
+def test_augment_keys_reach_timms_transform_and_a_bad_policy_is_named():
+    from PIL import Image
+
+    from framework.data.loaders import Pipeline, create_train_transform
+
+    r = resolve_recipe(QUICKSTART, ["data.augment.auto_augment=rand-m9-mstd0.5-inc1", "data.augment.re_prob=0.25",
+                                    "data.augment.re_count=2", "data.augment.vflip=0.5"])
+    tf = create_train_transform(r.data, Pipeline((0.5,) * 3, (0.5,) * 3, "bilinear", 1.0))
+    names = [type(t).__name__ for t in tf.transforms]
+    assert {"RandAugment", "RandomVerticalFlip", "RandomErasing"} <= set(names), names
+    erasing = tf.transforms[names.index("RandomErasing")]
+    assert (erasing.probability, erasing.max_count, erasing.mode) == (0.25, 2, "pixel")
+    out = tf(Image.new("RGB", (8, 8), (120, 30, 200)))
+    assert out.shape == (3, 32, 32) and torch.isfinite(out).all()
+    text = _errors(["data.augment.auto_augment=rand-q9"])
+    assert text.startswith("data.augment.auto_augment = 'rand-q9': timm cannot parse it (AssertionError: ")
+    assert "e.g. rand-m9-mstd0.5-inc1" in text
+
+
+def test_losses_are_timms_and_match_their_definitions():
+    from timm.loss import BinaryCrossEntropy, SoftTargetCrossEntropy
+
+    from framework.training.losses import create_loss
+
+    r = resolve_recipe(QUICKSTART, ["loss.smoothing=0.1"])
+    logits, hard = torch.randn(6, 10, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 1, 2, 3, 4, 5])
+    ce = create_loss(r.loss, mixup_active=False)
+    assert ce(logits, hard).item() == pytest.approx(F.cross_entropy(logits, hard, label_smoothing=0.1).item())
+    soft = F.one_hot(hard, 10).float() * 0.7 + 0.03
+    # with Mixup the targets arrive smoothed already: no second smoothing
+    assert create_loss(r.loss, mixup_active=True)(logits, soft).item() == pytest.approx(
+        -(soft * logits.log_softmax(-1)).sum(-1).mean().item())
+    bce = create_loss(resolve_recipe(QUICKSTART, ["loss.name=bce", "loss.bce_target_thresh=0.2"]).loss, False)
+    assert isinstance(bce, BinaryCrossEntropy) and bce.target_threshold == 0.2
+    sce = resolve_recipe(QUICKSTART, ["loss.name=soft_ce", "mixup.mixup_alpha=0.2"]).loss
+    assert isinstance(create_loss(sce, True), SoftTargetCrossEntropy)
+    assert "loss.name = 'soft_ce': needs the soft targets of mixup or cutmix" in _errors(["loss.name=soft_ce"])
+    assert "loss.bce_target_thresh = 0.2: only with loss.name = 'bce' (got 'ce')" in _errors(["loss.bce_target_thresh=0.2"])
+
+
+def test_mixup_draws_from_its_own_stream_and_a_restored_stream_repeats_them():
+    from framework.checkpoint.store import decode, encode
+    from framework.data.mixup import create_mixup
+
+    r = resolve_recipe(QUICKSTART, ["mixup.mixup_alpha=0.8", "mixup.cutmix_alpha=1.0", "mixup.off_epoch=3",
+                                    "loss.smoothing=0.1", "schedule.epochs=4"])
+    images = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    targets = torch.arange(8) % 10
+    a = create_mixup(r.mixup, r.loss, 10, seed=0, rank=0)
+    np.random.seed(123)
+    before = np.random.get_state()[1].copy()
+    first = [a(images.clone(), targets, epoch=0) for _ in range(3)]
+    assert (np.random.get_state()[1] == before).all()  # the process's own NumPy stream is untouched
+    assert not torch.equal(first[0][0], images) and first[0][1].shape == (8, 10)
+
+    tensors: dict = {}
+    saved = decode(json.loads(json.dumps(encode(a.state_dict(), tensors))), tensors)  # as a checkpoint holds it
+    b = create_mixup(r.mixup, r.loss, 10, seed=0, rank=0)
+    b.load_state_dict(saved)
+    for _ in range(3):
+        xa, ya = a(images.clone(), targets, epoch=1)
+        xb, yb = b(images.clone(), targets, epoch=1)
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    other = create_mixup(r.mixup, r.loss, 10, seed=0, rank=1)
+    assert not torch.equal(other(images.clone(), targets, epoch=0)[0], first[0][0])  # each rank its own draws
+    x, y = a(images.clone(), targets, epoch=3)  # off_epoch: clean images, smoothed one-hot targets
+    assert torch.equal(x, images) and y.max().item() == pytest.approx(0.91) and y.min().item() == pytest.approx(0.01)
+    assert "data.batch_size = 31: mixup and cutmix need an even batch" in _errors(["mixup.mixup_alpha=0.2", "data.batch_size=31"])
+    assert "mixup.off_epoch = 8: mixing would never stop" in _errors(["mixup.mixup_alpha=0.2", "mixup.off_epoch=8"])
+
+
+def test_a_run_with_mixup_cutmix_randaugment_and_bce_resumes_exactly(train_in_process, tmp_path):
+    """The Mixup stream is in each process's checkpoint: a run resumed from epoch 1 mixes as the uninterrupted one."""
+    args = ["model.name=test_resnet", "data.batch_size=32", "schedule.epochs=2", "schedule.warmup_epochs=0",
+            "averaging.start_epoch=1", "bn.recompute_batches=4", "mixup.mixup_alpha=0.2", "mixup.cutmix_alpha=1.0",
+            "loss.name=bce", "loss.smoothing=0.1", "data.augment.auto_augment=rand-m6-mstd0.5-inc1",
+            "data.augment.re_prob=0.25", "checkpoint.every=1"]
+    full = tmp_path / "full"
+    s = train_in_process([*args, f"output.dir={full}"])
+    assert s["status"] == "completed" and s["eval"]["averaged"]["recompute"]["top1"] > 50.0
+    part = tmp_path / "part"
+    # the run as it stood after epoch 1 (metrics.jsonl is rewritten from the checkpoint's records)
+    shutil.copytree(full, part, ignore=shutil.ignore_patterns("epoch-00002-*", "summary.json", "*.safetensors"))
+    resumed = train_in_process([*args, f"output.dir={part}", "resume=auto"])
+    a = [json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines()]
+    b = [json.loads(line) for line in (part / "metrics.jsonl").read_text().splitlines()]
+    assert [r["train/loss"] for r in b] == [r["train/loss"] for r in a]
+    assert resumed["eval"]["averaged"]["recompute"]["top1"] == s["eval"]["averaged"]["recompute"]["top1"]
