@@ -104,7 +104,7 @@ def bench_recompute(device) -> None:
     model = create_model(recipe.model, recipe.data.image_size)[0].to(device)
     train_ds, val_ds = create_datasets(recipe.data, model, 10, 3, 0)
     loaders = create_loaders(recipe.data, train_ds, val_ds, 0, 1, 0, pin_memory=False)
-    opt = create_optimizer(recipe.optimizer, model)
+    opt = create_optimizer(recipe.optimizer, model, recipe.data.batch_size)
     state = TrainState(model, opt, create_scheduler(recipe.schedule, opt, len(loaders.train)), _Acc(device), None)
     train_one_epoch(state, loaders.train)  # warm-up
     epoch_s = statistics.median(train_one_epoch(state, loaders.train)["seconds"] for _ in range(3))

@@ -76,8 +76,9 @@ def main() -> int:
     train_ds, val_ds = create_datasets(recipe.data, ours, recipe.model.num_classes, recipe.model.in_chans, recipe.seed)
     loaders = create_loaders(recipe.data, train_ds, val_ds, accelerator.process_index, accelerator.num_processes,
                              recipe.seed, pin_memory=accelerator.device.type == "cuda")
-    opt_ours = create_optimizer(recipe.optimizer, ours)
-    opt_theirs = create_optimizer(recipe.optimizer, theirs)
+    global_batch = recipe.data.batch_size * accelerator.num_processes
+    opt_ours = create_optimizer(recipe.optimizer, ours, global_batch)
+    opt_theirs = create_optimizer(recipe.optimizer, theirs, global_batch)
     ours, opt_ours, theirs, opt_theirs = accelerator.prepare(ours, opt_ours, theirs, opt_theirs)
     # the framework's step as training runs it: with the recipe's averaging and its BN sources listening
     view = create_view(accelerator, ours)

@@ -45,7 +45,8 @@ def main() -> int:
     from framework.training.models import create_model
 
     model, _ = create_model(recipe.model, recipe.data.image_size)
-    engine, _ = accelerator.prepare(model, create_optimizer(recipe.optimizer, model))
+    optimizer = create_optimizer(recipe.optimizer, model, recipe.data.batch_size * accelerator.num_processes)
+    engine, _ = accelerator.prepare(model, optimizer)
     module = accelerator.unwrap_model(engine)
     params = list(module.parameters())
     rank0 = accelerator.is_main_process

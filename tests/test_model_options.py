@@ -207,7 +207,7 @@ def test_every_optimizer_validation_accepts_takes_a_step():
             refused[name] = err.errors[0]
             continue
         model = timm.create_model("test_resnet", num_classes=10)
-        opt = create_optimizer(r.optimizer, model)
+        opt = create_optimizer(r.optimizer, model, r.data.batch_size)
         F.cross_entropy(model(torch.randn(4, 3, 32, 32)), torch.arange(4)).backward()
         opt.step()
         assert all(torch.isfinite(p).all() for p in model.parameters()), name

@@ -111,3 +111,38 @@ def test_a_run_with_mixup_cutmix_randaugment_and_bce_resumes_exactly(train_in_pr
     b = [json.loads(line) for line in (part / "metrics.jsonl").read_text().splitlines()]
     assert [r["train/loss"] for r in b] == [r["train/loss"] for r in a]
     assert resumed["eval"]["averaged"]["recompute"]["top1"] == s["eval"]["averaged"]["recompute"]["top1"]
+
+
+def test_lr_base_rule_betas_eps_and_kwargs_reach_the_optimizer():
+    import timm
+
+    from framework.training.builders import create_optimizer, resolve_lr
+
+    r = resolve_recipe(QUICKSTART, ["optimizer.name=adamw", "optimizer.lr=null", "optimizer.lr_base=0.001",
+                                    "optimizer.betas=[0.9, 0.95]", "optimizer.eps=1e-6", "optimizer.kwargs.amsgrad=true"])
+    assert resolve_lr(r.optimizer, 64) == pytest.approx(0.001 * 0.5)  # Adam-like: sqrt(64 / 256)
+    sgd = resolve_recipe(QUICKSTART, ["optimizer.lr=null", "optimizer.lr_base=0.1"]).optimizer
+    assert resolve_lr(sgd, 64) == pytest.approx(0.025)  # linear
+    opt = create_optimizer(r.optimizer, timm.create_model("test_resnet", num_classes=10), 64)
+    group = opt.param_groups[0]
+    assert (group["lr"], group["betas"], group["eps"], group["amsgrad"]) == (pytest.approx(0.0005), (0.9, 0.95), 1e-6, True)
+    text = _errors(["optimizer.name=adamw", "optimizer.kwargs.nesterovv=true"])
+    assert text.startswith("optimizer.kwargs.nesterovv = True: not a keyword of timm's 'adamw' optimizer")
+
+
+def test_layer_decay_scales_each_group_and_swalr_keeps_the_scales():
+    """SWALR used to set one learning rate on every group, erasing layer decay once averaging began."""
+    import timm
+
+    from framework.averaging.swa import SWA
+    from framework.training.builders import create_optimizer
+
+    r = resolve_recipe(QUICKSTART, ["optimizer.layer_decay=0.5"])
+    opt = create_optimizer(r.optimizer, timm.create_model("test_resnet", num_classes=10), 32)
+    scales = sorted({g["lr_scale"] for g in opt.param_groups})
+    assert len(scales) >= 3 and scales[-1] == 1.0 and scales[0] < 0.2
+    for g in opt.param_groups:
+        g["lr"] = 0.1 * g["lr_scale"]  # as timm's scheduler sets it
+    swa = SWA(lr=0.02, anneal_epochs=1)
+    swa.adjust_lr(opt, steps_since_start=10, steps_per_epoch=10)  # annealed: the constant SWA rate
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.02 * g["lr_scale"] for g in opt.param_groups])

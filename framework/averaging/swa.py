@@ -39,7 +39,8 @@ class SWA:
         t = 1.0 if span == 0 else min(1.0, steps_since_start / span)
         f = (1 - math.cos(math.pi * t)) / 2 if self.anneal_strategy == "cos" else t
         for group, start in zip(optimizer.param_groups, self.start_lrs, strict=True):
-            group["lr"] = start * (1 - f) + self.lr * f
+            # layer decay: each group keeps its scale of the SWA rate, as timm's schedulers keep it of theirs
+            group["lr"] = start * (1 - f) + self.lr * group.get("lr_scale", 1.0) * f
 
     def state_dict(self) -> dict:
         return {"lr": self.lr, "anneal_epochs": self.anneal_epochs, "anneal_strategy": self.anneal_strategy,

@@ -80,7 +80,7 @@ def _check_semantics(r: Recipe, errors: list[str]) -> None:
 
     from framework.data.loaders import check_augment
     from framework.data.mixup import check_mixup
-    from framework.training.builders import optimizer_refusal
+    from framework.training.builders import check_optimizer_keywords, optimizer_refusal
     from framework.training.losses import check_loss
     from framework.training.models import check_model
 
@@ -92,6 +92,8 @@ def _check_semantics(r: Recipe, errors: list[str]) -> None:
         errors.append(f"optimizer.name = {r.optimizer.name!r}: not a timm optimizer{suggest(r.optimizer.name, timm.optim.list_optimizers())}")
     elif (why := optimizer_refusal(r.optimizer.name, torch.cuda.is_available())) is not None:
         errors.append(f"optimizer.name = {r.optimizer.name!r}: not supported: {why}")
+    else:
+        check_optimizer_keywords(r.optimizer, errors)
     _check_schedule(r.schedule, errors)
     check_augment(r.data, errors)
     check_mixup(r.mixup, r.data.batch_size, r.schedule.epochs, errors)

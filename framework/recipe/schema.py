@@ -97,9 +97,16 @@ class LossConfig:
 @dataclass(kw_only=True)
 class OptimizerConfig:
     name: str = spec("sgd", doc="any timm optimizer (timm.optim.list_optimizers())")
-    lr: float = spec(0.1, gt=0.0)
+    lr: float | None = spec(0.1, gt=0.0, doc="null: timm's rule, lr_base x (global batch / lr_base_size)")
+    lr_base: float = spec(0.1, gt=0.0)
+    lr_base_size: int = spec(256, ge=1)
+    lr_base_scale: Literal["linear", "sqrt"] | None = spec(None, doc="null: sqrt for Adam- and LAMB-like optimizers, else linear")
     weight_decay: float = spec(0.0, ge=0.0)
     momentum: float = spec(0.9, ge=0.0, le=1.0)
+    betas: list[float] | None = spec(None, doc="Adam-like optimizers")
+    eps: float | None = spec(None, gt=0.0)
+    kwargs: dict[str, Any] = spec(factory=dict, doc="further keywords of the timm optimizer")
+    layer_decay: float | None = spec(None, gt=0.0, le=1.0, doc="layer-wise learning-rate decay (timm's group_matcher)")
     clip_grad: float | None = spec(None, gt=0.0)
 
 

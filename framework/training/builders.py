@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -128,11 +130,42 @@ def optimizer_refusal(name: str, cuda: bool) -> str | None:
     return None
 
 
-def create_optimizer(cfg: OptimizerConfig, model):
+def resolve_lr(cfg: OptimizerConfig, global_batch: int) -> float:
+    """The recipe's lr, else timm's rule: lr_base scaled by global batch / lr_base_size, linearly, or by its
+    square root (by default for Adam- and LAMB-like optimizers, as timm's train.py decides)."""
+    if cfg.lr is not None:
+        return cfg.lr
+    name = cfg.name.lower()
+    scale = cfg.lr_base_scale or ("sqrt" if any(n in name for n in ("ada", "lamb")) else "linear")
+    ratio = global_batch / cfg.lr_base_size
+    return cfg.lr_base * (math.sqrt(ratio) if scale == "sqrt" else ratio)
+
+
+def create_optimizer(cfg: OptimizerConfig, model, global_batch: int):
     from timm.optim import create_optimizer_v2
 
-    # timm passes momentum only to optimizers that take one
-    return create_optimizer_v2(model, opt=cfg.name, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum)
+    extra = {**cfg.kwargs, **({"betas": tuple(cfg.betas)} if cfg.betas is not None else {}),
+             **({"eps": cfg.eps} if cfg.eps is not None else {})}
+    # timm passes momentum only to optimizers that take one; layer decay gives each group an lr_scale
+    return create_optimizer_v2(model, opt=cfg.name, lr=resolve_lr(cfg, global_batch), weight_decay=cfg.weight_decay,
+                               momentum=cfg.momentum, layer_decay=cfg.layer_decay, **extra)
+
+
+def check_optimizer_keywords(cfg: OptimizerConfig, errors: list[str]) -> None:
+    """betas, eps and kwargs the optimizer does not take are named at validation (built for one tensor here)."""
+    if not (cfg.kwargs or cfg.betas is not None or cfg.eps is not None):
+        return
+    probe = torch.nn.Linear(2, 2)
+    try:
+        create_optimizer(OptimizerConfig(**{**cfg.__dict__, "layer_decay": None}), probe, 1)
+    except TypeError as err:
+        bad = re.search(r"unexpected keyword argument '([^']+)'", str(err))
+        key = bad.group(1) if bad else None
+        where = f"optimizer.kwargs.{key}" if key in cfg.kwargs else f"optimizer.{key}" if key else "optimizer"
+        value = cfg.kwargs.get(key, getattr(cfg, key, None)) if key else cfg.kwargs
+        errors.append(f"{where} = {value!r}: not a keyword of timm's {cfg.name!r} optimizer ({err})")
+    except (ValueError, AssertionError) as err:
+        errors.append(f"optimizer = {cfg.name!r} with betas {cfg.betas}, eps {cfg.eps}, kwargs {cfg.kwargs}: refused ({err})")
 
 
 def create_scheduler(cfg: ScheduleConfig, optimizer, updates_per_epoch: int):

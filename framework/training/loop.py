@@ -187,7 +187,7 @@ def train(recipe: Recipe) -> dict:
     if len(loaders.train) == 0:
         raise SystemExit(f"data.batch_size = {recipe.data.batch_size}: larger than this process's shard "
                          f"({len(loaders.train_sampler)} images); lower it or use fewer processes")
-    optimizer = create_optimizer(recipe.optimizer, model)
+    optimizer = create_optimizer(recipe.optimizer, model, recipe.data.batch_size * accelerator.num_processes)
     model, optimizer = accelerator.prepare(model, optimizer)
     module = accelerator.unwrap_model(model)  # evaluation and BN passes run without DDP's collectives
     dtype = next(module.parameters()).dtype
@@ -273,7 +273,8 @@ def train(recipe: Recipe) -> dict:
             if logger is not None:
                 logger.interrupt()
             raise Interrupted(f"stopped by a signal after {stats['steps']} steps of epoch {epoch + 1}; resume with resume=auto")
-        lr = optimizer.param_groups[0]["lr"]
+        group = optimizer.param_groups[0]
+        lr = group["lr"] / group.get("lr_scale", 1.0)  # the rate before layer decay scales each group
         final = epoch + 1 == recipe.schedule.epochs
         if final or (epoch + 1) % recipe.eval.every_epochs == 0:
             ev, averaged, bn_stats = evaluate_all(final)
