@@ -146,3 +146,69 @@ def test_layer_decay_scales_each_group_and_swalr_keeps_the_scales():
     swa = SWA(lr=0.02, anneal_epochs=1)
     swa.adjust_lr(opt, steps_since_start=10, steps_per_epoch=10)  # annealed: the constant SWA rate
     assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.02 * g["lr_scale"] for g in opt.param_groups])
+
+
+def _bn_state(model):
+    return [t.clone() for n, t in model.state_dict().items() if "running_" in n or "num_batches" in n]
+
+
+def test_grad_checkpointing_moves_bn_statistics_once_per_step():
+    """Checkpointing reruns each block's forward in backward; without the hooks BN's running statistics
+    move twice per step there."""
+    import copy
+
+    import timm
+
+    from framework.training.speed import enable_grad_checkpointing
+
+    torch.manual_seed(0)
+    plain = timm.create_model("test_resnet", num_classes=10)
+    twice, once = copy.deepcopy(plain), copy.deepcopy(plain)
+    twice.set_grad_checkpointing(True)  # timm alone
+    enable_grad_checkpointing(once)
+    x = torch.randn(4, 3, 32, 32, requires_grad=True)  # an input that needs grad: every block is recomputed
+    for m in (plain, twice, once):
+        m.train()
+        m(x).sum().backward()
+    ref = _bn_state(plain)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(_bn_state(once), ref, strict=True))
+    assert not all(torch.allclose(a, b, atol=1e-6) for a, b in zip(_bn_state(twice), ref, strict=True))
+    grads = [(p.grad, q.grad) for p, q in zip(plain.parameters(), once.parameters(), strict=True)]
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in grads)
+
+
+def test_channels_last_reaches_weights_and_every_input():
+    import copy
+
+    import timm
+
+    from framework.training.speed import apply_channels_last
+
+    torch.manual_seed(0)
+    model = timm.create_model("test_resnet", num_classes=10).eval()
+    nhwc = copy.deepcopy(model)
+    apply_channels_last(nhwc)
+    conv = nhwc.conv1[0] if isinstance(nhwc.conv1, torch.nn.Sequential) else nhwc.conv1
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    seen = []
+    conv.register_forward_pre_hook(lambda m, a: seen.append(a[0].is_contiguous(memory_format=torch.channels_last)))
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.allclose(nhwc(x), model(x), atol=1e-5) and seen == [True]
+
+
+def test_compile_in_place_trains_and_swapping_averaged_weights_does_not_recompile(train_in_process, tmp_path):
+    """torch.compile on CPU (inductor, which needs a C++ compiler: .ci/run installs g++), after the BN
+    conversion; the averaged weights are swapped into the same tensors, so evaluation does not recompile."""
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    s = train_in_process(["model.name=test_resnet", "model.compile=true", "model.channels_last=true",
+                          "data.batch_size=32", "schedule.epochs=2", "schedule.warmup_epochs=0", "averaging.start_epoch=1",
+                          "bn.recompute_batches=4", f"output.dir={tmp_path / 'run'}"])
+    assert s["status"] == "completed" and s["eval"]["averaged"]["recompute"]["top1"] > 80.0
+    # train mode, eval mode, and the last partial batches: a handful of graphs, not one per evaluation
+    assert counters["stats"]["unique_graphs"] <= 6, dict(counters["stats"])
+    from safetensors.torch import load_file  # exports keep timm's keys
+
+    keys = load_file(str(tmp_path / "run" / "model_averaged.safetensors")).keys()
+    assert not any("_orig_mod" in k for k in keys) and "fc.weight" in keys

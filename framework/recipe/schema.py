@@ -34,6 +34,10 @@ class ModelConfig:
     kwargs: dict[str, Any] = spec(factory=dict, doc="further keywords of timm.create_model (drop_block_rate, ...)")
     bn_momentum: float | None = spec(None, gt=0.0, le=1.0, doc="sets every BN layer's momentum")
     bn_eps: float | None = spec(None, gt=0.0, doc="sets every BN layer's eps")
+    channels_last: bool = spec(False, doc="NHWC weights and inputs")
+    grad_checkpointing: bool = spec(False, doc="timm's set_grad_checkpointing; BN statistics still move once per step")
+    compile: bool = spec(False, doc="torch.compile the model in place, after the BN conversion")
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = spec("default")
 
 
 @dataclass(kw_only=True)

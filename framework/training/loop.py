@@ -36,6 +36,7 @@ from framework.training.evaluation import AveragedEval, evaluate, harmonized_bn,
 from framework.training.export import detached_state_dict, save_state_dict
 from framework.training.losses import CrossEntropy, create_loss
 from framework.training.models import create_model
+from framework.training.speed import apply_speed_options
 
 
 class Interrupted(SystemExit):
@@ -179,6 +180,8 @@ def train(recipe: Recipe) -> dict:
     if weight_notes and accelerator.is_main_process:
         print("\n".join(weight_notes), flush=True)
     model = bn_mode.convert(model, cuda)
+    m = recipe.model
+    apply_speed_options(model, m.channels_last, m.grad_checkpointing, m.compile_mode if m.compile else None)
     seed_process_streams(recipe.seed, accelerator.process_index)  # identical weights above, own streams below
     train_ds, val_ds = create_datasets(recipe.data, model, recipe.model.num_classes, recipe.model.in_chans, recipe.seed,
                                        pretrained=recipe.model.pretrained or recipe.model.pretrained_file is not None)

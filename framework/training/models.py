@@ -133,6 +133,11 @@ def check_model(cfg: ModelConfig, image_size: int, errors: list[str]) -> None:
                   if s != image_size and _forward_fails(cfg, s) is None][:4]
         errors.append(f"data.image_size = {image_size}: {cfg.name} cannot take it ({why})"
                       + (f"; sizes it takes nearby: {', '.join(map(str, nearby))}" if nearby else ""))
+    if cfg.grad_checkpointing:
+        try:
+            model.set_grad_checkpointing(True)
+        except (NotImplementedError, AssertionError, AttributeError) as err:
+            errors.append(f"model.grad_checkpointing = True: {cfg.name} does not support it ({type(err).__name__}: {err})")
     has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
     for key in ("bn_momentum", "bn_eps"):
         if getattr(cfg, key) is not None and not has_bn:
