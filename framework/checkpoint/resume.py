@@ -40,6 +40,7 @@ def capture(state, engine_state, sources: dict, position: dict, epoch_stats: dic
 
 
 def restore(saved: dict, state, engine_state, sources: dict, same_world: bool, batch_size: int, world: int) -> None:
+    """`batch_size`: images per process per optimizer update (the batch times accumulate_steps)."""
     engine_state.load_state_dict(saved)
     load_scheduler_state_dict(state.scheduler, saved["scheduler"], same_units=same_world)
     state.amp.load_state_dict(saved["amp"])
@@ -102,7 +103,7 @@ def resume_run(recipe, out, state, engine_state, sources: dict, accelerator) -> 
         sizes = [t.numel() for t in state.averager.avg.tensors()] if state.averager is not None else []
         saved = engine_state.reshard([load_rank_state(path, r) for r in range(old_world)], sizes)
     pos = saved["position"]
-    restore(saved, state, engine_state, sources, same, recipe.data.batch_size, world)
+    restore(saved, state, engine_state, sources, same, recipe.data.batch_size * recipe.optimizer.accumulate_steps, world)
     if accelerator.is_main_process:
         how = "re-cut from every old process's partitions" if engine_state.partitioned else "from rank 0"
         note = "" if same else (f"; world size {world} (was {pos['world_size']}): weights and optimizer {how}, "

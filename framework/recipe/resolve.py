@@ -108,6 +108,9 @@ def _check_semantics(r: Recipe, errors: list[str]) -> None:
     if r.model.pretrained_file is None or Path(r.model.pretrained_file).is_file():
         check_model(r.model, r.data.image_size, errors)
     b = r.backend
+    if r.optimizer.accumulate_steps > 1 and b.type == "deepspeed":
+        errors.append(f"optimizer.accumulate_steps = {r.optimizer.accumulate_steps}: not yet with backend.type = "
+                      "'deepspeed' (its engine counts micro-steps itself); use 1, or ddp")
     if b.type == "ddp":
         for key, value in (("zero_stage", b.zero_stage), ("offload_optimizer", b.offload_optimizer), ("offload_params", b.offload_params)):
             if value:

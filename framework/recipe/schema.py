@@ -112,6 +112,7 @@ class OptimizerConfig:
     kwargs: dict[str, Any] = spec(factory=dict, doc="further keywords of the timm optimizer")
     layer_decay: float | None = spec(None, gt=0.0, le=1.0, doc="layer-wise learning-rate decay (timm's group_matcher)")
     clip_grad: float | None = spec(None, gt=0.0)
+    accumulate_steps: int = spec(1, ge=1, doc="batches per optimizer update (timm's --grad-accum-steps)")
 
 
 @dataclass(kw_only=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,7 +57,8 @@ class TrainState:
     clip_grad: float | None
     input_dtype: torch.dtype = torch.float32  # DeepSpeed bf16/fp16 engines take inputs in their dtype
     averager: WeightAverager | None = None
-    steps_per_epoch: int = 1
+    steps_per_epoch: int = 1  # optimizer updates per epoch
+    accumulate_steps: int = 1  # batches per update
     bn_buffers: list = field(default_factory=list)  # live BN statistics, put back when a step is refused
     num_updates: int = 0
     amp: MixedPrecision = field(default_factory=lambda: MixedPrecision("fp32", torch.device("cpu")))
@@ -90,12 +92,14 @@ def new_epoch_stats(device) -> dict:
 def train_one_epoch(state: TrainState, loader, max_steps: int | None = None, progress=None, stats: dict | None = None,
                     control=None, on_step=None) -> dict:
     """Train over `loader`, adding to `stats` (this process's counts and timings; no host sync per step
-    unless `control` checks each step across processes). `on_step(stats)` returning True stops early."""
+    unless `control` checks each step across processes). With `accumulate_steps` k, each optimizer update
+    takes k batches (the epoch's last update what is left); `on_step(stats)` is asked after each update
+    and returning True stops early. `stats["steps"]` counts batches, so positions are in samples."""
     acc, model, opt, amp = state.accelerator, state.model, state.optimizer, state.amp
     model.train()
     stats = stats or new_epoch_stats(acc.device)
-    taken = 0
-    # A refused or overflowed step puts its forward's BN statistics back; otherwise no copy per step
+    taken, remaining, micro, group = 0, len(loader), 0, 1
+    # A refused or overflowed update puts its forwards' BN statistics back; otherwise no copy per step
     refusable = amp.can_overflow or (control is not None and control.policy == "skip")
     bn_backup = [t.clone() for t in state.bn_buffers] if refusable else []
     _sync(acc.device)
@@ -110,17 +114,32 @@ def train_one_epoch(state: TrainState, loader, max_steps: int | None = None, pro
         images = images.to(acc.device, state.input_dtype, non_blocking=True)
         targets = targets.to(acc.device, non_blocking=True)
         stats["data_wait"] += time.perf_counter() - t
-        if bn_backup:
-            torch._foreach_copy_(bn_backup, state.bn_buffers)
+        if micro == 0:  # the update's first batch
+            group = min(state.accumulate_steps, remaining)
+            if bn_backup:
+                torch._foreach_copy_(bn_backup, state.bn_buffers)
+            opt.zero_grad(set_to_none=True)
+            loss_sum, images_seen = torch.zeros((), device=acc.device), 0
+        micro, remaining = micro + 1, remaining - 1
         if state.mixup is not None:
             images, targets = state.mixup(images, targets, state.epoch)
-        with amp.autocast():
-            loss = state.loss_fn(model(images), targets)
-        opt.zero_grad(set_to_none=True)
-        acc.backward(amp.scale(loss))
-        verdict = amp.unscale(opt, loss)  # gradients are unscaled from here on
-        if control is not None:  # one host read per step: the scaler's verdict, non-finite values, stop requests
-            checked = control.check(loss, model.parameters(), state.num_updates + 1, state.bn_buffers, verdict)
+        # inner batches skip DDP's gradient all-reduce: it runs once, on the update's last backward
+        with contextlib.nullcontext() if micro == group else acc.no_sync(model):
+            with amp.autocast():
+                loss = state.loss_fn(model(images), targets)
+            acc.backward(amp.scale(loss / group))
+        loss_sum += loss.detach() / group
+        images_seen += images.shape[0]
+        stats["steps"] += 1
+        taken += 1
+        if progress is not None:
+            progress.update(1)
+        if micro < group:
+            continue
+        micro = 0
+        verdict = amp.unscale(opt, loss_sum)  # gradients are unscaled from here on
+        if control is not None:  # one host read per update: the scaler's verdict, non-finite values, stop requests
+            checked = control.check(loss_sum, model.parameters(), state.num_updates + 1, state.bn_buffers, verdict)
             overflow = control.overflow
         else:
             checked, overflow = True, amp.overflowed(verdict)
@@ -130,20 +149,16 @@ def train_one_epoch(state: TrainState, loader, max_steps: int | None = None, pro
         amp.step(opt, apply)  # DeepSpeed's optimizer wrapper steps as a no-op: the engine stepped in backward
         if apply:
             state.after_update()
-            stats["loss_sum"] += loss.detach().double() * images.shape[0]
-            stats["images"] += images.shape[0]
-        else:  # the scaler's overflow, or a step `faults.nonfinite=skip` refused: not an update
+            stats["loss_sum"] += loss_sum.double() * images_seen
+            stats["images"] += images_seen
+        else:  # the scaler's overflow, or an update `faults.nonfinite=skip` refused
             stats["overflow_steps"] += int(overflow)
             if bn_backup:
-                torch._foreach_copy_(state.bn_buffers, bn_backup)  # the refused forward's statistics go too
-        stats["steps"] += 1
-        taken += 1
-        if progress is not None:
-            progress.update(1)
+                torch._foreach_copy_(state.bn_buffers, bn_backup)  # every refused forward's statistics go too
         if on_step is not None and on_step(stats):
             break
     if control is not None:
-        control.resolve()  # the last step's deferred flags: before evaluation, checkpoints, exports
+        control.resolve()  # the last update's deferred flags: before evaluation, checkpoints, exports
     _sync(acc.device)
     stats["seconds"] += time.perf_counter() - start
     return stats
@@ -194,15 +209,17 @@ def train(recipe: Recipe) -> dict:
     model, optimizer = accelerator.prepare(model, optimizer)
     module = accelerator.unwrap_model(model)  # evaluation and BN passes run without DDP's collectives
     dtype = next(module.parameters()).dtype
-    scheduler = create_scheduler(recipe.schedule, optimizer, len(loaders.train))
+    accumulate = recipe.optimizer.accumulate_steps
+    updates_per_epoch = -(-len(loaders.train) // accumulate)  # the epoch's last update takes what is left
+    scheduler = create_scheduler(recipe.schedule, optimizer, updates_per_epoch)
     view = create_view(accelerator, model)
-    averager, sources, export_source, bn_report = create_averaging(recipe, module, view, len(loaders.train))
+    averager, sources, export_source, bn_report = create_averaging(recipe, module, view, updates_per_epoch)
     live_bn = bn_buffers(module)
     scale = recipe.backend.loss_scale
     engine = model if recipe.backend.type == "deepspeed" else None
     amp = create_precision(precision, engine, device, scale.init, scale.growth_interval)
     state = TrainState(model, optimizer, scheduler, accelerator, recipe.optimizer.clip_grad, dtype, averager,
-                       len(loaders.train), live_bn, amp=amp, loss_fn=create_loss(recipe.loss, recipe.mixup.active),
+                       updates_per_epoch, live_bn, amp=amp, accumulate_steps=accumulate, loss_fn=create_loss(recipe.loss, recipe.mixup.active),
                        mixup=create_mixup(recipe.mixup, recipe.loss, recipe.model.num_classes, recipe.seed,
                                           accelerator.process_index))
     avg_eval = AveragedEval(module, view, live_bn, bn_mode, loaders.train, recipe.bn.recompute_batches, device,
