@@ -58,13 +58,13 @@ class TrainState:
     input_dtype: torch.dtype = torch.float32  # DeepSpeed bf16/fp16 engines take inputs in their dtype
     averager: WeightAverager | None = None
     steps_per_epoch: int = 1  # optimizer updates per epoch
-    accumulate_steps: int = 1  # batches per update
     bn_buffers: list = field(default_factory=list)  # live BN statistics, put back when a step is refused
     num_updates: int = 0
     amp: MixedPrecision = field(default_factory=lambda: MixedPrecision("fp32", torch.device("cpu")))
     loss_fn: torch.nn.Module = field(default_factory=lambda: CrossEntropy(0.0))
     mixup: MixupStream | None = None
     epoch: int = 0  # the epoch being trained (0-based): Mixup stops at its off_epoch
+    accumulate_steps: int = 1  # batches per update
 
     def after_update(self) -> None:
         """Schedule, then averaging (whose SWALR, once started, overrides the schedule's lr)."""
