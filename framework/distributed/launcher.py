@@ -14,7 +14,7 @@ import socket
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 USAGE = "usage: bnswa train RECIPE.yaml [key=value | --key=value ...] [--num-processes N]"
 
 

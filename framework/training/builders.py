@@ -26,7 +26,7 @@ def resolve_precision(requested: str, cuda: bool, deepspeed: bool = False) -> tu
     return requested, None
 
 
-DEEPSPEED_CONFIGS = Path(__file__).resolve().parents[1] / "launch" / "deepspeed"
+DEEPSPEED_CONFIGS = Path(__file__).resolve().parents[2] / "launch" / "deepspeed"
 
 
 def create_deepspeed_config(cfg: BackendConfig, micro_batch_size: int, clip_grad: float | None) -> dict:
