@@ -52,13 +52,10 @@ def diff(values: list[float]) -> Diff:
 
 
 def runs_of(rows: list[dict]) -> list[Run]:
+    from framework.reporting.compare import _metrics
+
     return [Run(r.recipe["averaging.strategy"], r.recipe["data.batch_size"], r.recipe["bn.mode"], r.recipe["seed"],
-                metrics) for row in rows for r, metrics in zip(row["runs"], _per_run(row), strict=True)]
-
-
-def _per_run(row: dict) -> list[dict]:
-    names = list(row["values"])
-    return [{m: row["values"][m][i] for m in names} for i in range(len(row["runs"]))]
+                _metrics(r)) for row in rows for r in row["runs"]]
 
 
 def _slices(runs: list[Run]) -> list[tuple[str, int]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -157,7 +158,7 @@ def check_optimizer_keywords(cfg: OptimizerConfig, errors: list[str]) -> None:
         return
     probe = torch.nn.Linear(2, 2)
     try:
-        create_optimizer(OptimizerConfig(**{**cfg.__dict__, "layer_decay": None}), probe, 1)
+        create_optimizer(dataclasses.replace(cfg, layer_decay=None), probe, 1)
     except TypeError as err:
         bad = re.search(r"unexpected keyword argument '([^']+)'", str(err))
         key = bad.group(1) if bad else None
