@@ -233,3 +233,30 @@ def test_accumulating_2_x_16_updates_as_1_x_32_on_a_model_without_bn(train_in_pr
     assert one["eval"]["online"]["top1"] == pytest.approx(two["eval"]["online"]["top1"], abs=0.3)
     assert "optimizer.accumulate_steps = 2: not yet with backend.type = 'deepspeed'" in _errors(
         ["optimizer.accumulate_steps=2", "backend.type=deepspeed"])
+
+
+def test_export_best_holds_the_best_epochs_averaged_weights_with_their_bn_statistics(train_in_process, tmp_path):
+    """model_best.safetensors, loaded by timm alone, reproduces the best epoch's logged top-1 (averaged
+    weights with the recompute source's statistics), not the last epoch's."""
+    import timm
+    from timm.data import create_dataset, create_transform
+
+    from framework.data.loaders import ensure_digits_folder
+
+    out = tmp_path / "run"
+    metric = "eval/averaged/recompute/top1"
+    train_in_process(["model.name=test_resnet", "data.batch_size=32", "schedule.epochs=3", "schedule.warmup_epochs=0",
+                      "averaging.start_epoch=0", "bn.recompute_batches=4", f"export.best={metric}", f"output.dir={out}"])
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    values = [r[metric] for r in records]
+    chosen = json.loads((out / "model_best.json").read_text())
+    assert chosen == {"metric": metric, "value": max(values), "epoch": values.index(max(values)) + 1}
+    model = timm.create_model("test_resnet", num_classes=10, checkpoint_path=str(out / "model_best.safetensors")).eval()
+    tf = create_transform(32, crop_pct=1.0, mean=model.pretrained_cfg["mean"], std=model.pretrained_cfg["std"])
+    val = create_dataset("", root=str(ensure_digits_folder()), split="val", transform=tf)
+    with torch.no_grad():
+        correct = sum((model(x).argmax(1) == y).sum().item() for x, y in torch.utils.data.DataLoader(val, batch_size=128))
+    assert abs(100.0 * correct / len(val) - max(values)) <= 100.0 / len(val) + 1e-9
+    assert "export.best = 'eval/averaged/recompte/top1': expected" in _errors(["export.best=eval/averaged/recompte/top1"])
+    assert "'initial' is not evaluated after each epoch" in _errors(
+        ["averaging.strategy=swa", "export.best=eval/averaged/initial/top1", "eval.bn_sources=[recompute]"])

@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 
 RUN_FILES = ("recipe.yaml", "metrics.jsonl", "summary.json", "model_online.safetensors", "model_averaged.safetensors",
-             "checkpoints", "wandb", ".lock")
+             "model_best.safetensors", "model_best.json", "checkpoints", "wandb", ".lock")
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+=-]*$")  # what a sweep or a file stem gives, and nothing that climbs
 
 

@@ -80,6 +80,7 @@ def _check_semantics(r: Recipe, errors: list[str]) -> None:
 
     from framework.data.loaders import check_augment
     from framework.data.mixup import check_mixup
+    from framework.training.best import check_best
     from framework.training.builders import check_optimizer_keywords, optimizer_refusal
     from framework.training.losses import check_loss
     from framework.training.models import check_model
@@ -98,6 +99,7 @@ def _check_semantics(r: Recipe, errors: list[str]) -> None:
     check_augment(r.data, errors)
     check_mixup(r.mixup, r.data.batch_size, r.schedule.epochs, errors)
     check_loss(r.loss, r.mixup.active, errors)
+    check_best(r.export.best, r.averaging.strategy, r.eval.bn_sources, errors)
     a = r.averaging
     if a.strategy != "none" and a.start_epoch is not None and a.start_epoch >= r.schedule.epochs:
         errors.append(f"averaging.start_epoch = {a.start_epoch}: averaging would never start; must be < schedule.epochs "

@@ -195,6 +195,12 @@ class LoggingConfig:
 
 
 @dataclass(kw_only=True)
+class ExportConfig:
+    best: str | None = spec(None, doc="a metric (eval/averaged/recompute/top1, eval/online/loss, ...): the best epoch's "
+                                      "weights go to model_best.safetensors, with the BN statistics evaluated with them")
+
+
+@dataclass(kw_only=True)
 class OutputConfig:
     dir: str = spec("runs/${name}", doc="where the run writes; ${name} is the recipe's name")
 
@@ -231,6 +237,7 @@ class Recipe:
     backend: BackendConfig = spec(factory=BackendConfig)
     logging: LoggingConfig = spec(factory=LoggingConfig)
     output: OutputConfig = spec(factory=OutputConfig)
+    export: ExportConfig = spec(factory=ExportConfig)
     checkpoint: CheckpointConfig = spec(factory=CheckpointConfig)
     faults: FaultsConfig = spec(factory=FaultsConfig)
     resume: str = spec("auto", doc="auto (newest complete checkpoint in output.dir), never, or a checkpoint folder")

@@ -32,6 +32,7 @@ from framework.reporting.summary import (
     progress_bar,
 )
 from framework.training.amp import MixedPrecision, create_precision
+from framework.training.best import BestExport
 from framework.training.builders import create_accelerator, create_optimizer, create_scheduler
 from framework.training.evaluation import AveragedEval, evaluate, harmonized_bn, isolated_rng
 from framework.training.export import detached_state_dict, save_state_dict
@@ -274,6 +275,20 @@ def train(recipe: Recipe) -> dict:
                 return live, *avg_eval.run(averager.avg.tensors(), chosen, loaders.val, recipe.model.num_classes)
             return live, {}, {}
 
+    best = BestExport(recipe.export.best, out, records) if recipe.export.best else None
+
+    def export_best(epoch: int, bn_stats: dict) -> None:
+        """Collective (ZeRO-3 gathers); the main process writes. The weights and BN statistics just evaluated."""
+        if best.model == "online":
+            with harmonized_bn(bn_mode, live_bn):
+                state_dict = detached_state_dict(accelerator, model)
+        else:
+            with view.swapped_in(averager.avg.tensors()), swapped(live_bn, bn_stats[best.source]):
+                state_dict = detached_state_dict(accelerator, model)
+        if logger is not None:
+            save_state_dict(state_dict, out / "model_best.safetensors")
+            best.written(epoch)
+
     for epoch in range(resumed["epoch"], recipe.schedule.epochs):
         loaders.train_sampler.set_epoch(epoch)
         state.epoch = epoch
@@ -302,6 +317,8 @@ def train(recipe: Recipe) -> dict:
             ev, averaged = None, {}
         record = epoch_record(epoch + 1, stats, ev, averaged, lr, accelerator)
         records.append(record)
+        if best is not None and best.improved(record):
+            export_best(epoch + 1, bn_stats)
         scheduler.step(epoch + 1, record.get(recipe.schedule.plateau_metric))  # only plateau reads it (every epoch)
         state.adjust_lr()
         if logger is not None:
