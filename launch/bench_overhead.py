@@ -1,0 +1,58 @@
+"""Benchmark: what weight averaging and its evaluation add to a run's wall time.
+
+The same recipe, launched with averaging off (`averaging.strategy=none`) and as written, alternating
+in one invocation (the order flips every round, so machine noise hits both alike), each launch timed
+from start to exit. Prints every round and the ratio of the medians, averaged / plain.
+
+  python launch/bench_overhead.py recipes/quickstart.yaml [--rounds 3] [--nproc 2] [overrides ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def launch(recipe: str, overrides: list[str], nproc: int, out: Path) -> float:
+    accelerate = Path(sys.executable).parent / "accelerate"
+    cmd = [str(accelerate), "launch", "--config_file", str(ROOT / "accelerate_config.yaml"), "--num_processes", str(nproc),
+           str(ROOT / "launch" / "train.py"), recipe, *overrides, "resume=never", "logging.wandb.mode=disabled",
+           f"output.dir={out}"]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, env={**os.environ, "CI": "true"}, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"launch failed: {' '.join(cmd)}\n{proc.stderr[-3000:]}")
+    return time.perf_counter() - start
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("recipe")
+    parser.add_argument("overrides", nargs="*")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--nproc", type=int, default=2)
+    args = parser.parse_args()
+    variants = {"plain": ["averaging.strategy=none"], "averaged": []}
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    with tempfile.TemporaryDirectory(prefix="bench-overhead-") as tmp:
+        for r in range(args.rounds):
+            order = list(variants) if r % 2 == 0 else list(reversed(variants))
+            for name in order:
+                seconds = launch(args.recipe, [*args.overrides, *variants[name]], args.nproc, Path(tmp) / f"{name}-{r}")
+                times[name].append(seconds)
+            print(f"round {r + 1}: " + ", ".join(f"{n} {times[n][-1]:.1f} s" for n in variants), flush=True)
+    plain, averaged = statistics.median(times["plain"]), statistics.median(times["averaged"])
+    print(f"median wall time: plain {plain:.1f} s, averaged {averaged:.1f} s; ratio averaged / plain {averaged / plain:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
