@@ -18,29 +18,41 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def hand_written_steps(model, optimizer, accelerator, loader, steps: int, autocast, scaler) -> float:
-    """The loop every Accelerate and torch.amp tutorial shows, nothing more. Returns seconds."""
-    import torch.nn.functional as F
+def hand_written_steps(model, optimizer, accelerator, loader, steps: int, autocast, scaler, loss_fn, mixup=None,
+                       accumulate: int = 1, channels_last: bool = False) -> float:
+    """The loop every Accelerate, torch.amp and timm tutorial shows, doing what the recipe asks (Mixup,
+    gradient accumulation with DDP's no_sync, channels_last inputs) and nothing more. Returns seconds."""
+    import contextlib
+
+    import torch
 
     from framework.training.loop import _sync
 
     model.train()
     _sync(accelerator.device)
     start = time.perf_counter()
+    optimizer.zero_grad(set_to_none=True)
     for i, (images, targets) in enumerate(loader):
         if i == steps:
             break
         images, targets = images.to(accelerator.device), targets.to(accelerator.device)
-        with autocast():
-            loss = F.cross_entropy(model(images), targets)
-        optimizer.zero_grad(set_to_none=True)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        if mixup is not None:
+            images, targets = mixup(images, targets)
+        last = (i + 1) % accumulate == 0
+        with contextlib.nullcontext() if last else accelerator.no_sync(model):
+            with autocast():
+                loss = loss_fn(model(images), targets) / accumulate
+            accelerator.backward(loss if scaler is None else scaler.scale(loss))
+        if not last:
+            continue
         if scaler is None:
-            accelerator.backward(loss)
             optimizer.step()
         else:
-            accelerator.backward(scaler.scale(loss))
             scaler.step(optimizer)
             scaler.update()
+        optimizer.zero_grad(set_to_none=True)
     _sync(accelerator.device)
     return time.perf_counter() - start
 
@@ -57,22 +69,35 @@ def main() -> int:
 
     import copy
 
+    import torch
     import torch.distributed as dist
     from accelerate.utils import set_seed
 
     from framework.averaging.views import create_view
     from framework.data.loaders import create_datasets, create_loaders
+    from framework.data.mixup import create_mixup
     from framework.distributed.faults import StepControl
     from framework.training.amp import create_precision
-    from framework.training.builders import create_accelerator, create_optimizer, create_scheduler
+    from framework.training.builders import (
+        create_accelerator,
+        create_grad_clipper,
+        create_optimizer,
+        create_scheduler,
+    )
     from framework.training.loop import TrainState, create_averaging, train_one_epoch
+    from framework.training.losses import create_loss
     from framework.training.models import create_model
+    from framework.training.speed import apply_speed_options
 
     accelerator, precision = create_accelerator(recipe.backend, recipe.data.batch_size, recipe.optimizer.clip_grad,
                                                 recipe.faults.collective_timeout_s)
     set_seed(recipe.seed)
     ours, _ = create_model(recipe.model, recipe.data.image_size)
     theirs = copy.deepcopy(ours)
+    m = recipe.model
+    apply_speed_options(ours, m.channels_last, m.grad_checkpointing, m.compile_mode if m.compile else None)
+    if m.channels_last:
+        theirs = theirs.to(memory_format=torch.channels_last)
     train_ds, val_ds = create_datasets(recipe.data, ours, recipe.model.num_classes, recipe.model.in_chans, recipe.seed)
     loaders = create_loaders(recipe.data, train_ds, val_ds, accelerator.process_index, accelerator.num_processes,
                              recipe.seed, pin_memory=accelerator.device.type == "cuda")
@@ -82,14 +107,22 @@ def main() -> int:
     ours, opt_ours, theirs, opt_theirs = accelerator.prepare(ours, opt_ours, theirs, opt_theirs)
     # the framework's step as training runs it: with the recipe's averaging and its BN sources listening
     view = create_view(accelerator, ours)
-    averager = create_averaging(recipe, accelerator.unwrap_model(ours), view, len(loaders.train))[0]
-    state = TrainState(ours, opt_ours, create_scheduler(recipe.schedule, opt_ours, len(loaders.train)), accelerator,
-                       recipe.optimizer.clip_grad, next(accelerator.unwrap_model(ours).parameters()).dtype, averager,
-                       len(loaders.train))
+    accumulate = recipe.optimizer.accumulate_steps
+    updates = -(-len(loaders.train) // accumulate)
+    averager = create_averaging(recipe, accelerator.unwrap_model(ours), view, updates)[0]
+    state = TrainState(ours, opt_ours, create_scheduler(recipe.schedule, opt_ours, updates), accelerator,
+                       create_grad_clipper(recipe.optimizer, recipe.backend.type == "deepspeed"),
+                       next(accelerator.unwrap_model(ours).parameters()).dtype, averager, updates,
+                       accumulate_steps=accumulate, loss_fn=create_loss(recipe.loss, recipe.mixup.active),
+                       mixup=create_mixup(recipe.mixup, recipe.loss, m.num_classes, recipe.seed, accelerator.process_index))
+    # theirs: timm's Mixup and loss as its train.py builds them, on the same settings
+    their_mixup = create_mixup(recipe.mixup, recipe.loss, m.num_classes, recipe.seed + 1, accelerator.process_index)
+    their_loss = create_loss(recipe.loss, recipe.mixup.active)
     engine, scale = ours if recipe.backend.type == "deepspeed" else None, recipe.backend.loss_scale
     state.amp = create_precision(precision, engine, accelerator.device, scale.init, scale.growth_interval)
     plain = create_precision(precision, None, accelerator.device, scale.init, scale.growth_interval)
     steps = min(args.steps, len(loaders.train))
+    steps -= steps % accumulate  # whole updates only, in both loops
     images_per_block = steps * recipe.data.batch_size * accelerator.num_processes
 
     control = StepControl(recipe.faults.nonfinite, recipe.faults.max_consecutive_skips, accelerator.device,
@@ -102,7 +135,8 @@ def main() -> int:
         return train_one_epoch(state, loaders.train, max_steps=steps)["seconds"]
 
     def run_theirs() -> float:
-        return hand_written_steps(theirs, opt_theirs, accelerator, loaders.train, steps, plain.autocast, plain.scaler)
+        return hand_written_steps(theirs, opt_theirs, accelerator, loaders.train, steps, plain.autocast, plain.scaler,
+                                  their_loss, their_mixup and their_mixup.mixup, accumulate, m.channels_last)
 
     run_ours(), run_unchecked(), run_theirs()  # warm-up: allocator, kernels, caches
     ratios, ours_ips, theirs_ips, unchecked_ips = [], [], [], []
@@ -120,6 +154,9 @@ def main() -> int:
     if accelerator.is_main_process:
         print(f"averaging {recipe.averaging.strategy} from step {averager.start_step if averager else '-'}, "
               f"{averager.n if averager else 0} updates timed in")
+        extras = [f"{k} {v}" for k, v in (("mixup", recipe.mixup.active), ("loss", recipe.loss.name),
+                                             ("accumulate_steps", accumulate), ("channels_last", m.channels_last))]
+        print(", ".join(extras))
         print(f"model {recipe.model.name} ({precision}), data {recipe.data.source} {recipe.data.image_size}px, batch {recipe.data.batch_size}"
               f" x {accelerator.num_processes} processes on {accelerator.device.type}, {args.rounds} rounds x {steps} steps")
         print(f"framework     : {statistics.median(ours_ips):9.1f} images/s (median)")

@@ -57,7 +57,8 @@ def wait_workers(proc) -> list:
 
 
 def read_metrics(out_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    """The epoch records (metrics.jsonl also holds `logging.interval_steps` records, which have no `epoch`)."""
+    return [r for r in map(json.loads, (out_dir / "metrics.jsonl").read_text().splitlines()) if "epoch" in r]
 
 
 def read_summary(out_dir: Path) -> dict:

@@ -260,3 +260,51 @@ def test_export_best_holds_the_best_epochs_averaged_weights_with_their_bn_statis
     assert "export.best = 'eval/averaged/recompte/top1': expected" in _errors(["export.best=eval/averaged/recompte/top1"])
     assert "'initial' is not evaluated after each epoch" in _errors(
         ["averaging.strategy=swa", "export.best=eval/averaged/initial/top1", "eval.bn_sources=[recompute]"])
+
+
+def test_clip_mode_value_bounds_every_element_of_every_update(train_in_process, tmp_path, digits_root):
+    """clip_mode=value cuts each gradient element to +-c: with plain SGD at a constant rate no weight moves
+    more than updates x lr x c, and one pushed the same way every update moves exactly that (norm clipping
+    at c would move every weight far less)."""
+    from accelerate.utils import set_seed
+    from safetensors.torch import load_file
+
+    from framework.training.models import create_model
+
+    out, lr, c = tmp_path / "run", 0.1, 1e-4
+    overrides = ["model.name=test_vit", "averaging.strategy=none", "schedule.epochs=1", "schedule.name=step",
+                 "schedule.decay_epochs=100", "schedule.warmup_epochs=0", f"optimizer.lr={lr}", "optimizer.name=momentum", "optimizer.momentum=0",
+                 "optimizer.weight_decay=0", f"optimizer.clip_grad={c}", "optimizer.clip_mode=value", f"output.dir={out}"]
+    summary = train_in_process(overrides)
+    recipe = resolve_recipe(QUICKSTART, overrides)
+    set_seed(recipe.seed)  # as the run builds its model
+    initial = create_model(recipe.model, recipe.data.image_size)[0].state_dict()
+    final = load_file(out / "model_online.safetensors")
+    moved = max((final[k] - initial[k]).abs().max().item() for k in final)
+    assert summary["eval"]["online"]["images"] > 0
+    updates = sum(1 for p in (digits_root / "train").rglob("*") if p.is_file()) // recipe.data.batch_size  # drop_last
+    assert moved <= updates * lr * c * (1 + 1e-3)
+    assert moved >= 0.99 * updates * lr * c
+    assert "for SGD without momentum use optimizer.name = 'momentum'" in _errors(["optimizer.momentum=0"])  # timm's sgd is Nesterov
+    assert "optimizer.clip_mode = 'agc': DeepSpeed's engine clips by norm only" in _errors(
+        ["optimizer.clip_grad=0.01", "optimizer.clip_mode=agc", "backend.type=deepspeed"])
+
+
+def test_agc_leaves_the_classifier_out_and_norm_clips_the_total_norm():
+    import timm
+
+    from framework.training.builders import create_grad_clipper
+
+    r = resolve_recipe(QUICKSTART, ["optimizer.clip_grad=0.01", "optimizer.clip_mode=agc"])
+    model = timm.create_model("test_resnet", num_classes=10)
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 10.0)
+    create_grad_clipper(r.optimizer, deepspeed=False)(model)
+    head = list(model.parameters())[-2:]
+    assert all((p.grad == 10.0).all() for p in head)
+    assert all((p.grad < 10.0).any() for p in list(model.parameters())[:-2] if p.ndim > 1)
+    norm = resolve_recipe(QUICKSTART, ["optimizer.clip_grad=0.5"]).optimizer
+    create_grad_clipper(norm, deepspeed=False)(model)
+    total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in model.parameters()]))
+    assert total.item() == pytest.approx(0.5, rel=1e-4)
+    assert create_grad_clipper(norm, deepspeed=True) is None  # the engine clips (gradient_clipping)

@@ -113,6 +113,8 @@ def _check_semantics(r: Recipe, errors: list[str]) -> None:
     if r.optimizer.accumulate_steps > 1 and b.type == "deepspeed":
         errors.append(f"optimizer.accumulate_steps = {r.optimizer.accumulate_steps}: not yet with backend.type = "
                       "'deepspeed' (its engine counts micro-steps itself); use 1, or ddp")
+    if b.type == "deepspeed" and r.optimizer.clip_grad is not None and r.optimizer.clip_mode != "norm":
+        errors.append(f"optimizer.clip_mode = {r.optimizer.clip_mode!r}: DeepSpeed's engine clips by norm only; use 'norm', or ddp")
     if b.type == "ddp":
         for key, value in (("zero_stage", b.zero_stage), ("offload_optimizer", b.offload_optimizer), ("offload_params", b.offload_params)):
             if value:

@@ -111,7 +111,9 @@ class OptimizerConfig:
     eps: float | None = spec(None, gt=0.0)
     kwargs: dict[str, Any] = spec(factory=dict, doc="further keywords of the timm optimizer")
     layer_decay: float | None = spec(None, gt=0.0, le=1.0, doc="layer-wise learning-rate decay (timm's group_matcher)")
-    clip_grad: float | None = spec(None, gt=0.0)
+    clip_grad: float | None = spec(None, gt=0.0, doc="the clip threshold (norm, value) or factor (agc); null: no clipping")
+    clip_mode: Literal["norm", "value", "agc"] = spec("norm", doc="timm's dispatch_clip_grad; agc leaves the classifier out, "
+                                                              "as timm's train.py does")
     accumulate_steps: int = spec(1, ge=1, doc="batches per optimizer update (timm's --grad-accum-steps)")
 
 
@@ -192,6 +194,8 @@ class WandbConfig:
 class LoggingConfig:
     wandb: WandbConfig = spec(factory=WandbConfig)
     progress: bool = spec(True, doc="progress bar on the main process (always off when CI=true)")
+    interval_steps: int | None = spec(None, ge=1, doc="train loss, lr and images/s every N optimizer updates, to "
+                                                      "metrics.jsonl, wandb and the progress bar; null: per epoch only")
 
 
 @dataclass(kw_only=True)

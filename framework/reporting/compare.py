@@ -17,6 +17,7 @@ from pathlib import Path
 import yaml
 
 from framework.bn.sources import BN_SOURCES, NO_STATS
+from framework.reporting.intervals import epoch_records
 from framework.reporting.tracking import flatten
 
 NOT_COMPARED = ("name", "seed", "output.", "logging.")  # bookkeeping, or what groups runs
@@ -34,7 +35,7 @@ def load_run(path: Path) -> RunResult:
     for name in ("recipe.yaml", "summary.json", "metrics.jsonl"):
         if not (path / name).is_file():
             raise SystemExit(f"error: run dir {str(path)!r}: no {name} (not a finished run)")
-    records = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    records = epoch_records([json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines() if line.strip()])
     return RunResult(path, flatten(yaml.safe_load((path / "recipe.yaml").read_text()), sep="."),
                      json.loads((path / "summary.json").read_text()), records)
 

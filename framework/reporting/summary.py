@@ -25,7 +25,7 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def epoch_record(epoch: int, stats: dict, ev: dict | None, averaged: dict, lr: float, accelerator) -> dict:
+def epoch_record(epoch: int, update: int, stats: dict, ev: dict | None, averaged: dict, lr: float, accelerator) -> dict:
     world = accelerator.num_processes
     loss_sum, images, data_wait = _reduce(accelerator, torch.stack([
         stats["loss_sum"].double().cpu(), torch.tensor(float(stats["images"]), dtype=torch.float64),
@@ -35,6 +35,7 @@ def epoch_record(epoch: int, stats: dict, ev: dict | None, averaged: dict, lr: f
     steps = max(stats["steps"], 1)
     return {
         "epoch": epoch,
+        "update": update,  # optimizer updates so far: wandb's step, shared with the per-update records
         "train/loss": loss_sum / max(images, 1),
         "train/lr": lr,
         "amp/overflow_steps": stats["overflow_steps"],

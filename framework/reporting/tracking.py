@@ -1,7 +1,9 @@
 """Run files and wandb, on the main process only.
 
-`output.dir` gets `recipe.yaml` (the resolved recipe), `metrics.jsonl` (one record per
-epoch, the same keys wandb gets) and `summary.json` (written last, atomically).
+`output.dir` gets `recipe.yaml` (the resolved recipe), `metrics.jsonl` (one record per epoch, and
+with `logging.interval_steps` one per interval, which has `update` and no `epoch`; the same keys
+wandb gets) and `summary.json` (written last, atomically). wandb's step is the optimizer update
+count; epoch records are plotted against `epoch`, interval records against `update`.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from pathlib import Path
 
 from framework.checkpoint.paths import redirect_tool_dirs, temp_beside
 from framework.recipe.yaml_io import dump_yaml
+from framework.reporting.intervals import STEP_PREFIX
 
 SECRET_NAME = re.compile(r"(_KEY|_TOKEN|_SECRET|PASSWORD)$", re.I)
 
@@ -77,14 +80,17 @@ def create_logger(accelerator, *args) -> RunLogger | None:
 class RunLogger:
     """Writes the run's files and mirrors every record to wandb. Create on the main process only."""
 
-    def __init__(self, out_dir: Path, recipe_dict: dict, wandb_cfg, run_name: str, records: list[dict]):
-        """`records`: what a resumed run had logged up to its checkpoint (metrics.jsonl is rewritten to exactly that)."""
+    def __init__(self, out_dir: Path, recipe_dict: dict, wandb_cfg, run_name: str, records: list[dict],
+                 updates_done: int = 0):
+        """`records`: the epoch records a resumed run had logged up to its checkpoint, taken at `updates_done`
+        optimizer updates. metrics.jsonl is rewritten to exactly those and the interval records up to there."""
         self.out_dir = out_dir
         out_dir.mkdir(parents=True, exist_ok=True)
         self.config = scrub_secrets(recipe_dict)
         write_atomic(out_dir / "recipe.yaml", dump_yaml(self.config))
         self.metrics_path = out_dir / "metrics.jsonl"
-        write_atomic(self.metrics_path, "".join(json.dumps(r) + "\n" for r in records))
+        lines = sorted([*self._interval_lines(updates_done), *records], key=lambda r: (r.get("update", 0), "epoch" in r))
+        write_atomic(self.metrics_path, "".join(json.dumps(r) + "\n" for r in lines))
         self.mode = resolve_wandb_mode(wandb_cfg.mode)
         self.run = None
         if self.mode == "disabled":
@@ -102,22 +108,36 @@ class RunLogger:
             self.mode = "offline"
             self.run = self._init(wandb_cfg, run_name)
 
+    def _interval_lines(self, updates_done: int) -> list[dict]:
+        """A resumed run's interval records up to its checkpoint; the updates after it are trained again."""
+        if updates_done == 0 or not self.metrics_path.is_file():
+            return []
+        lines = [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
+        return [r for r in lines if "epoch" not in r and r.get("update", updates_done + 1) <= updates_done]
+
     def _init(self, wandb_cfg, run_name: str):
         import wandb
 
-        return wandb.init(
+        run = wandb.init(
             project=wandb_cfg.project, entity=wandb_cfg.entity, name=wandb_cfg.name or run_name,
             tags=wandb_cfg.tags, config=self.config, dir=str(self.out_dir), mode=self.mode,
             settings=wandb.Settings(save_code=False, console="off", silent=True, init_timeout=wandb_cfg.init_timeout),
         )
+        run.define_metric("epoch")
+        run.define_metric("update")
+        run.define_metric(f"{STEP_PREFIX}*", step_metric="update")
+        for prefix in ("train", "eval", "throughput", "amp", "memory", "time"):
+            run.define_metric(f"{prefix}/*", step_metric="epoch")
+        return run
 
     def log(self, record: dict) -> None:
+        """An epoch record or an interval record (framework/reporting/intervals.py)."""
         with open(self.metrics_path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
             f.flush()
             os.fsync(f.fileno())
         if self.run is not None:
-            self.run.log({k: v for k, v in record.items() if k != "epoch"}, step=record["epoch"])
+            self.run.log(record, step=record["update"])
 
     def log_table(self, key: str, columns: list[str], rows: list[list]) -> None:
         if self.run is not None:

@@ -116,6 +116,20 @@ def create_accelerator(cfg: BackendConfig, micro_batch_size: int, clip_grad: flo
     return accelerator, precision
 
 
+def create_grad_clipper(cfg: OptimizerConfig, deepspeed: bool):
+    """`clip(model)` after the gradients are unscaled, or None: nothing to clip, or DeepSpeed's engine clips
+    by norm itself (`gradient_clipping`; the other modes are refused at validation)."""
+    if cfg.clip_grad is None or deepspeed:
+        return None
+    from timm.models import model_parameters
+    from timm.utils import dispatch_clip_grad
+
+    def clip(model: torch.nn.Module) -> None:
+        dispatch_clip_grad(model_parameters(model, exclude_head=cfg.clip_mode == "agc"), cfg.clip_grad, cfg.clip_mode)
+
+    return clip
+
+
 def optimizer_refusal(name: str, cuda: bool) -> str | None:
     """Why a timm optimizer cannot run in this loop or on this machine, or None."""
     import importlib.util
@@ -153,9 +167,7 @@ def create_optimizer(cfg: OptimizerConfig, model, global_batch: int):
 
 
 def check_optimizer_keywords(cfg: OptimizerConfig, errors: list[str]) -> None:
-    """betas, eps and kwargs the optimizer does not take are named at validation (built for one tensor here)."""
-    if not (cfg.kwargs or cfg.betas is not None or cfg.eps is not None):
-        return
+    """Settings the optimizer does not take or refuses are named at validation (built for one tensor here)."""
     probe = torch.nn.Linear(2, 2)
     try:
         create_optimizer(dataclasses.replace(cfg, layer_decay=None), probe, 1)
@@ -166,7 +178,9 @@ def check_optimizer_keywords(cfg: OptimizerConfig, errors: list[str]) -> None:
         value = cfg.kwargs.get(key, getattr(cfg, key, None)) if key else cfg.kwargs
         errors.append(f"{where} = {value!r}: not a keyword of timm's {cfg.name!r} optimizer ({err})")
     except (ValueError, AssertionError) as err:
-        errors.append(f"optimizer = {cfg.name!r} with betas {cfg.betas}, eps {cfg.eps}, kwargs {cfg.kwargs}: refused ({err})")
+        errors.append(f"optimizer.name = {cfg.name!r} with momentum {cfg.momentum}, betas {cfg.betas}, eps {cfg.eps}, kwargs "
+                      f"{cfg.kwargs}: timm's optimizer refuses them ({err})"
+                      + ("; for SGD without momentum use optimizer.name = 'momentum'" if "Nesterov" in str(err) else ""))
 
 
 def create_scheduler(cfg: ScheduleConfig, optimizer, updates_per_epoch: int):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from framework.data.sampling import seed_process_streams
 from framework.distributed.faults import StepControl
 from framework.recipe.resolve import recipe_to_dict
 from framework.recipe.schema import Recipe
+from framework.reporting.intervals import IntervalMeter
 from framework.reporting.summary import (
     build_summary,
     check_same_recipe,
@@ -33,7 +35,12 @@ from framework.reporting.summary import (
 )
 from framework.training.amp import MixedPrecision, create_precision
 from framework.training.best import BestExport
-from framework.training.builders import create_accelerator, create_optimizer, create_scheduler
+from framework.training.builders import (
+    create_accelerator,
+    create_grad_clipper,
+    create_optimizer,
+    create_scheduler,
+)
 from framework.training.evaluation import AveragedEval, evaluate, harmonized_bn, isolated_rng
 from framework.training.export import detached_state_dict, save_state_dict
 from framework.training.losses import CrossEntropy, create_loss
@@ -55,7 +62,7 @@ class TrainState:
     optimizer: torch.optim.Optimizer
     scheduler: object
     accelerator: object
-    clip_grad: float | None
+    clip: Callable[[torch.nn.Module], None] | None  # framework.training.builders.create_grad_clipper
     input_dtype: torch.dtype = torch.float32  # DeepSpeed bf16/fp16 engines take inputs in their dtype
     averager: WeightAverager | None = None
     steps_per_epoch: int = 1  # optimizer updates per epoch
@@ -74,6 +81,11 @@ class TrainState:
         if self.averager is not None:
             self.averager.maybe_update(self.num_updates)
             self.adjust_lr()
+
+    def base_lr(self) -> float:
+        """The rate before layer decay scales each group (what the schedule and SWALR set)."""
+        group = self.optimizer.param_groups[0]
+        return group["lr"] / group.get("lr_scale", 1.0)
 
     def adjust_lr(self) -> None:
         if self.averager is not None and self.averager.started:
@@ -145,8 +157,8 @@ def train_one_epoch(state: TrainState, loader, max_steps: int | None = None, pro
         else:
             checked, overflow = True, amp.overflowed(verdict)
         apply = checked and not overflow
-        if apply and state.clip_grad is not None:
-            acc.clip_grad_norm_(model.parameters(), state.clip_grad)
+        if apply and state.clip is not None:
+            state.clip(model)
         amp.step(opt, apply)  # DeepSpeed's optimizer wrapper steps as a no-op: the engine stepped in backward
         if apply:
             state.after_update()
@@ -219,7 +231,8 @@ def train(recipe: Recipe) -> dict:
     scale = recipe.backend.loss_scale
     engine = model if recipe.backend.type == "deepspeed" else None
     amp = create_precision(precision, engine, device, scale.init, scale.growth_interval)
-    state = TrainState(model, optimizer, scheduler, accelerator, recipe.optimizer.clip_grad, dtype, averager,
+    clip = create_grad_clipper(recipe.optimizer, recipe.backend.type == "deepspeed")
+    state = TrainState(model, optimizer, scheduler, accelerator, clip, dtype, averager,
                        updates_per_epoch, live_bn, amp=amp, accumulate_steps=accumulate, loss_fn=create_loss(recipe.loss, recipe.mixup.active),
                        mixup=create_mixup(recipe.mixup, recipe.loss, recipe.model.num_classes, recipe.seed,
                                           accelerator.process_index))
@@ -234,7 +247,9 @@ def train(recipe: Recipe) -> dict:
     control.install_signal_handlers()
     engine_state = create_engine_state(accelerator, model, optimizer)
     resumed = resume_run(recipe, out, state, engine_state, sources, accelerator)
-    logger = create_logger(accelerator, out, recipe_to_dict(recipe), recipe.logging.wandb, recipe.name, resumed["records"])
+    logger = create_logger(accelerator, out, recipe_to_dict(recipe), recipe.logging.wandb, recipe.name, resumed["records"],
+                           state.num_updates)
+    meter = IntervalMeter(recipe.logging.interval_steps, accelerator)
     records, averaged, bn_stats, ev = resumed["records"], {}, {}, None
     ckpt = recipe.checkpoint
 
@@ -259,6 +274,11 @@ def train(recipe: Recipe) -> dict:
     def on_step(stats: dict) -> bool:
         if control.stop_agreed:
             return True
+        point = meter(stats, state.num_updates, state.base_lr())
+        if point is not None and logger is not None:
+            logger.log(point)
+            if bar is not None:
+                bar.set_postfix(loss=f"{point['train_step/loss']:.4f}", img_s=f"{point['train_step/images_per_s']:.0f}")
         # optimizer updates over the whole run (an overflowed step is none, so it never saves twice)
         n = state.num_updates
         if ckpt.unit == "steps" and ckpt.every and n % ckpt.every == 0 and n != saved_at[0]:
@@ -299,6 +319,7 @@ def train(recipe: Recipe) -> dict:
             stats = resumed["epoch_stats"]  # None after a world-size change: this launch's counts start afresh
             base.update(samples=resumed["samples_in_epoch"], steps=stats["steps"] if stats else 0)
         bar = progress_bar(recipe.logging.progress and accelerator.is_main_process, len(loaders.train), epoch + 1)
+        meter.start_epoch(stats)
         stats = train_one_epoch(state, loaders.train, progress=bar, stats=stats, control=control, on_step=on_step)
         if bar is not None:
             bar.close()
@@ -308,14 +329,13 @@ def train(recipe: Recipe) -> dict:
             if logger is not None:
                 logger.interrupt()
             raise Interrupted(f"stopped by a signal after {stats['steps']} steps of epoch {epoch + 1}; resume with resume=auto")
-        group = optimizer.param_groups[0]
-        lr = group["lr"] / group.get("lr_scale", 1.0)  # the rate before layer decay scales each group
+        lr = state.base_lr()
         final = epoch + 1 == recipe.schedule.epochs
         if final or (epoch + 1) % recipe.eval.every_epochs == 0:
             ev, averaged, bn_stats = evaluate_all(final)
         else:
             ev, averaged = None, {}
-        record = epoch_record(epoch + 1, stats, ev, averaged, lr, accelerator)
+        record = epoch_record(epoch + 1, state.num_updates, stats, ev, averaged, lr, accelerator)
         records.append(record)
         if best is not None and best.improved(record):
             export_best(epoch + 1, bn_stats)
