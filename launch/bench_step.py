@@ -90,7 +90,7 @@ def main() -> int:
     from framework.training.speed import apply_speed_options
 
     accelerator, precision = create_accelerator(recipe.backend, recipe.data.batch_size, recipe.optimizer.clip_grad,
-                                                recipe.faults.collective_timeout_s)
+                                                recipe.faults.collective_timeout_s, recipe.optimizer.accumulate_steps)
     set_seed(recipe.seed)
     ours, _ = create_model(recipe.model, recipe.data.image_size)
     theirs = copy.deepcopy(ours)

@@ -104,3 +104,25 @@ def test_zero3_sigkill_one_process_torchrun_restarts_and_resume_is_bit_identical
     # averaged weights too; their recomputed BN statistics come from this world size's own pass
     x, y = load_file(runs["zero3"] / "model_averaged.safetensors"), load_file(one_dir / "model_averaged.safetensors")
     assert all(torch.equal(x[k], y[k]) for k in x if "running_" not in k)
+
+
+def test_zero2_accumulates_updates_as_ddp_does(tmp_path):
+    """3 batches of 16 per update and 44 batches per process: the epoch's last update takes 2. ZeRO-2's
+    partitioned gradients, reduced and stepped on each update's last batch only and never divided again
+    by the engine, give DDP's weights (a model without BN: no statistics to tell the backends apart)."""
+    from framework.recipe.schema import BackendConfig
+    from framework.training.builders import create_deepspeed_config
+
+    assert create_deepspeed_config(BackendConfig(type="deepspeed", zero_stage=2), 16, None, 3)["gradient_accumulation_steps"] == 3
+    args = [*ARGS, "model.name=test_vit", "data.batch_size=16", "optimizer.accumulate_steps=3", "averaging.start=0.5"]
+    runs = {}
+    for name in ("ddp", "zero2"):
+        out = tmp_path / name
+        check_ok(launch([*args, *BACKENDS[name], f"output.dir={out}"], nproc=2, cwd=tmp_path))
+        runs[name] = out
+    for file in ("model_online.safetensors", "model_averaged.safetensors"):
+        a, b = load_file(runs["ddp"] / file), load_file(runs["zero2"] / file)
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=0, msg=f"{file}: {k}")
+    assert [r["train/loss"] for r in read_metrics(runs["zero2"])] == pytest.approx(
+        [r["train/loss"] for r in read_metrics(runs["ddp"])], rel=1e-5)

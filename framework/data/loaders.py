@@ -161,7 +161,9 @@ def folder_class_map(root: Path, train_split: str, class_map: str | None) -> dic
     return {name: i for i, name in enumerate(names)}
 
 
-def create_datasets(cfg: DataConfig, model, num_classes: int, in_chans: int, seed: int, pretrained: bool = False):
+def create_datasets(cfg: DataConfig, model, num_classes: int, in_chans: int, seed: int, pretrained: bool = False,
+                    train_transform: str = "train"):
+    """(train, val) datasets; `train_transform="eval"` gives the training images the evaluation transform."""
     if cfg.source == "synthetic":
         make = lambda n, s: SyntheticDataset(n, cfg.image_size, num_classes, in_chans, s)  # noqa: E731
         return make(cfg.synthetic_train_size, seed), make(cfg.synthetic_val_size, seed + 1)
@@ -171,9 +173,9 @@ def create_datasets(cfg: DataConfig, model, num_classes: int, in_chans: int, see
 
     stats = (fashion_mnist.MEAN * in_chans, fashion_mnist.STD * in_chans) if cfg.source == "fashion_mnist" else None
     p = resolve_pipeline(cfg, model, pretrained, stats)
-    train_tf = create_train_transform(cfg, p)
     eval_tf = create_transform(cfg.image_size, is_training=False, crop_pct=p.crop_pct, interpolation=p.interpolation,
                                mean=p.mean, std=p.std)
+    train_tf = create_train_transform(cfg, p) if train_transform == "train" else eval_tf
     if cfg.source == "fashion_mnist":
         train, val = fashion_mnist.create_fashion_mnist(cfg.root, default_cache_dir(), train_tf, eval_tf, in_chans)
         return fixed_subset(train, cfg.train_subset), val
@@ -193,6 +195,13 @@ def fixed_subset(dataset: Dataset, size: int | None) -> Dataset:
         return dataset
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:size]
     return Subset(dataset, sorted(order.tolist()))
+
+
+def create_plain_train_loader(cfg: DataConfig, dataset, rank: int, world_size: int, seed: int, pin_memory: bool) -> DataLoader:
+    """Each process's shard of `dataset` (no augmentation to seed): the recompute pass's eval-transform inputs."""
+    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
+    return DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, drop_last=True, num_workers=cfg.workers,
+                      pin_memory=pin_memory)
 
 
 def create_loaders(cfg: DataConfig, train_ds, val_ds, rank: int, world_size: int, seed: int, pin_memory: bool) -> Loaders:

@@ -78,6 +78,7 @@ def _check_semantics(r: Recipe, errors: list[str]) -> None:
     import timm.optim
     import torch
 
+    from framework.bn.inputs import check_recompute_inputs
     from framework.data.loaders import check_augment
     from framework.data.mixup import check_mixup
     from framework.training.best import check_best
@@ -99,6 +100,7 @@ def _check_semantics(r: Recipe, errors: list[str]) -> None:
     check_augment(r.data, errors)
     check_mixup(r.mixup, r.data.batch_size, r.schedule.epochs, errors)
     check_loss(r.loss, r.mixup.active, errors)
+    check_recompute_inputs(r.bn.recompute_inputs, r.mixup.active, errors)
     check_best(r.export.best, r.averaging.strategy, r.eval.bn_sources, errors)
     a = r.averaging
     if a.strategy != "none" and a.start_epoch is not None and a.start_epoch >= r.schedule.epochs:
@@ -110,9 +112,6 @@ def _check_semantics(r: Recipe, errors: list[str]) -> None:
     if r.model.pretrained_file is None or Path(r.model.pretrained_file).is_file():
         check_model(r.model, r.data.image_size, errors)
     b = r.backend
-    if r.optimizer.accumulate_steps > 1 and b.type == "deepspeed":
-        errors.append(f"optimizer.accumulate_steps = {r.optimizer.accumulate_steps}: not yet with backend.type = "
-                      "'deepspeed' (its engine counts micro-steps itself); use 1, or ddp")
     if b.type == "deepspeed" and r.optimizer.clip_grad is not None and r.optimizer.clip_mode != "norm":
         errors.append(f"optimizer.clip_mode = {r.optimizer.clip_mode!r}: DeepSpeed's engine clips by norm only; use 'norm', or ddp")
     if b.type == "ddp":

@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 from framework.averaging import AVERAGERS
 from framework.bn import BN_MODES
+from framework.bn.inputs import RECOMPUTE_INPUTS
 from framework.bn.sources import BN_SOURCES
 from framework.recipe.errors import show
 from framework.recipe.fields import spec
@@ -152,6 +153,8 @@ AveragingConfig = _averaging_config()
 class BNConfig:
     mode: Literal[tuple(BN_MODES)] = spec("local", doc="local | sync | reduce (see framework/bn/__init__.py)")
     recompute_batches: int | None = spec(None, ge=1, doc="batches per process for the recompute pass; all when null")
+    recompute_inputs: Literal[RECOMPUTE_INPUTS] = spec("train", doc="what the recompute pass sees: train (train "
+                                                       "transform), mixed (and Mixup), eval (eval transform)")
     export_stats: Literal[tuple(BN_SOURCES)] = spec("recompute", doc="BN statistics of model_averaged.safetensors")
 
 

@@ -39,6 +39,11 @@ class MixedPrecision:
     def scale(self, loss: torch.Tensor) -> torch.Tensor:
         return self.scaler.scale(loss) if self.scaler is not None else loss
 
+    def backward(self, accelerator, loss: torch.Tensor, last: bool) -> None:
+        """Backward on one batch's share of the update's loss; `last`: the update's last batch (DDP's
+        gradient all-reduce is skipped on the others by `no_sync` around this call)."""
+        accelerator.backward(self.scale(loss))
+
     def unscale(self, optimizer, loss: torch.Tensor) -> torch.Tensor | None:
         """After backward: unscale the gradients in place. On the device (no host sync), whether the
         step overflowed in the scaler's sense: to be skipped and counted, not judged by `faults.nonfinite`.
@@ -89,6 +94,12 @@ class EnginePrecision(MixedPrecision):
     @property
     def can_overflow(self) -> bool:
         return self.precision == "fp16"
+
+    def backward(self, accelerator, loss: torch.Tensor, last: bool) -> None:
+        """The engine reduces and steps on the update's last batch only. The loss is already divided by the
+        update's batches (the epoch's last update may have fewer than gradient_accumulation_steps): the
+        engine must not divide it again."""
+        accelerator.deepspeed_engine_wrapped.backward(loss, sync_gradients=last, scale_wrt_gas=False)
 
     def unscale(self, optimizer, loss: torch.Tensor) -> torch.Tensor | None:
         """The engine stepped inside backward (and unscaled): whether it skipped that step for an overflow."""

@@ -30,12 +30,13 @@ def resolve_precision(requested: str, cuda: bool, deepspeed: bool = False) -> tu
 DEEPSPEED_CONFIGS = Path(__file__).resolve().parents[2] / "launch" / "deepspeed"
 
 
-def create_deepspeed_config(cfg: BackendConfig, micro_batch_size: int, clip_grad: float | None) -> dict:
+def create_deepspeed_config(cfg: BackendConfig, micro_batch_size: int, clip_grad: float | None,
+                            accumulate_steps: int = 1) -> dict:
     """launch/deepspeed/zero<stage>.json with the values the recipe decides filled in."""
     from framework.training.amp import deepspeed_fp16_config
 
     config = json.loads((DEEPSPEED_CONFIGS / f"zero{cfg.zero_stage}.json").read_text())
-    config.update(train_micro_batch_size_per_gpu=micro_batch_size, gradient_accumulation_steps=1,
+    config.update(train_micro_batch_size_per_gpu=micro_batch_size, gradient_accumulation_steps=accumulate_steps,
                   gradient_clipping=clip_grad or 0.0)
     config["fp16"].update(deepspeed_fp16_config(cfg.loss_scale.init, cfg.loss_scale.growth_interval))  # read when enabled
     zero = config["zero_optimization"]
@@ -82,7 +83,8 @@ def init_process_group(cuda: bool, timeout_s: int) -> None:
     Heartbeat(env["MASTER_ADDR"], int(env["MASTER_PORT"]), prefix, rank, world).start()  # names a lost peer later
 
 
-def create_accelerator(cfg: BackendConfig, micro_batch_size: int, clip_grad: float | None, timeout_s: int = 300):
+def create_accelerator(cfg: BackendConfig, micro_batch_size: int, clip_grad: float | None, timeout_s: int = 300,
+                       accumulate_steps: int = 1):
     """`timeout_s`: how long a collective waits for a dead or hung peer (torch's defaults: 30 min gloo)."""
     from datetime import timedelta
 
@@ -96,7 +98,7 @@ def create_accelerator(cfg: BackendConfig, micro_batch_size: int, clip_grad: flo
         from accelerate.utils import DeepSpeedPlugin
 
         _single_process_env()
-        plugin = DeepSpeedPlugin(hf_ds_config=create_deepspeed_config(cfg, micro_batch_size, clip_grad))
+        plugin = DeepSpeedPlugin(hf_ds_config=create_deepspeed_config(cfg, micro_batch_size, clip_grad, accumulate_steps))
         # cpu=True would silently replace DeepSpeed with DDP; gloo is asked for explicitly instead
         handlers = [InitProcessGroupKwargs(backend="nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s))]
         accelerator = Accelerator(deepspeed_plugin=plugin, mixed_precision=_PRECISION[precision], kwargs_handlers=handlers)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -89,7 +90,7 @@ class AveragedEval:
     view: object  # framework.averaging.views: how averaged tensors are swapped into the model
     live_bn: list[torch.Tensor]
     mode: object
-    train_loader: object
+    recompute_inputs: Callable[[], Iterable]  # framework.bn.inputs: one pass's batches
     recompute_batches: int | None
     device: torch.device
     autocast: object
@@ -100,7 +101,7 @@ class AveragedEval:
         """Fresh statistics for the weights now in `module`; live buffers and RNG streams are left as they were."""
         start = time.perf_counter()
         with swapped(self.live_bn, clone_all(self.live_bn)), isolated_rng(self.device):
-            recompute_bn_stats(self.module, self.train_loader, self.recompute_batches, self.device, self.autocast, self.dtype)
+            recompute_bn_stats(self.module, self.recompute_inputs(), self.recompute_batches, self.device, self.autocast, self.dtype)
             stats = clone_all(self.live_bn)
         self.recompute_seconds.append(time.perf_counter() - start)
         return stats

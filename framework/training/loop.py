@@ -13,6 +13,7 @@ import torch
 from framework.averaging import WeightAverager, create_rule
 from framework.averaging.views import create_view
 from framework.bn import BN_MODES, bn_buffers, swapped
+from framework.bn.inputs import create_pass_inputs
 from framework.bn.sources import NO_STATS, create_sources
 from framework.checkpoint.engine_state import create_engine_state
 from framework.checkpoint.resume import capture, resume_run
@@ -140,7 +141,7 @@ def train_one_epoch(state: TrainState, loader, max_steps: int | None = None, pro
         with contextlib.nullcontext() if micro == group else acc.no_sync(model):
             with amp.autocast():
                 loss = state.loss_fn(model(images), targets)
-            acc.backward(amp.scale(loss / group))
+            amp.backward(acc, loss / group, last=micro == group)
         loss_sum += loss.detach() / group
         images_seen += images.shape[0]
         stats["steps"] += 1
@@ -199,7 +200,7 @@ def train(recipe: Recipe) -> dict:
     from framework.reporting.tracking import create_logger
 
     accelerator, precision = create_accelerator(recipe.backend, recipe.data.batch_size, recipe.optimizer.clip_grad,
-                                                 recipe.faults.collective_timeout_s)
+                                                 recipe.faults.collective_timeout_s, recipe.optimizer.accumulate_steps)
     recipe_hashes = check_same_recipe(recipe, accelerator)
     device, cuda = accelerator.device, accelerator.device.type == "cuda"
     set_seed(recipe.seed)  # same seed on every rank: identical initial weights
@@ -236,8 +237,9 @@ def train(recipe: Recipe) -> dict:
                        updates_per_epoch, live_bn, amp=amp, accumulate_steps=accumulate, loss_fn=create_loss(recipe.loss, recipe.mixup.active),
                        mixup=create_mixup(recipe.mixup, recipe.loss, recipe.model.num_classes, recipe.seed,
                                           accelerator.process_index))
-    avg_eval = AveragedEval(module, view, live_bn, bn_mode, loaders.train, recipe.bn.recompute_batches, device,
-                            amp.autocast, dtype)
+    avg_eval = AveragedEval(module, view, live_bn, bn_mode, create_pass_inputs(
+        recipe, module, loaders.train, lambda: state.epoch, accelerator.process_index, accelerator.num_processes, cuda),
+                            recipe.bn.recompute_batches, device, amp.autocast, dtype)
     evaluate_live = lambda: evaluate(module, loaders.val, device, recipe.model.num_classes, amp.autocast, dtype)  # noqa: E731
 
     out = Path(recipe.output.dir)
