@@ -136,3 +136,53 @@ def test_missing_fashion_mnist_files_are_a_one_line_validation_error(tmp_path):
         resolve_recipe(ROOT / "recipes" / "quickstart.yaml", ["data.source=fashion_mnist", f"data.root={tmp_path}"])
     line = next(e for e in err.value.errors if e.startswith("data.root"))
     assert "train-images-idx3-ubyte.gz" in line and "apt-get install dataset-fashion-mnist" in line
+
+
+def test_a_torchvision_dataset_through_timm_trains_and_counts_every_validation_image(train_in_process, tmp_path):
+    """data.source = timm, data.dataset = torch/fashion_mnist on local files (the Debian package's, in
+    torchvision's layout): a map-style dataset, so validation counts all 10,000 test images once."""
+    from framework.data.fashion_mnist import ensure_raw_folder
+
+    _fashion_mnist_or_skip()
+    root = ensure_raw_folder(None, tmp_path / "cache")
+    summary = train_in_process(["data.source=timm", "data.dataset=torch/fashion_mnist", f"data.root={root}",
+                                "model.name=test_resnet", "model.in_chans=1", "data.image_size=28", "data.train_subset=2048",
+                                "data.eval_batch_size=1000", "schedule.epochs=1", "schedule.warmup_epochs=0", "averaging.start_epoch=0",
+                                "bn.recompute_batches=8", f"output.dir={tmp_path / 'run'}"])
+    assert summary["eval"]["online"]["images"] == 10000
+    assert summary["eval"]["online"]["top1"] > 30.0  # 64 updates of a real dataset: well above chance (10%)
+
+
+def test_timm_dataset_names_that_cannot_keep_the_guarantees_are_refused_at_validation(tmp_path):
+    from conftest import ROOT
+
+    from framework.recipe.errors import RecipeError
+    from framework.recipe.resolve import resolve_recipe
+
+    def errors(*overrides) -> str:
+        with pytest.raises(RecipeError) as err:
+            resolve_recipe(ROOT / "recipes" / "quickstart.yaml", ["data.source=timm", f"data.root={tmp_path}", *overrides])
+        return "\n".join(err.value.errors)
+
+    assert "data.dataset = 'wds/shards': an iterable dataset (wds/) has no index, so exact resume" in errors(
+        "data.dataset=wds/shards")
+    assert "data.dataset = 'hfds/beans': Hugging Face datasets are not installed" in errors("data.dataset=hfds/beans")
+    assert "data.dataset = 'cifar10': choices are torch/<name>" in errors("data.dataset=cifar10")
+    assert f"data.root = '{tmp_path}': torch/cifar10 is not there (RuntimeError: Dataset not found" in errors(
+        "data.dataset=torch/cifar10")
+    assert "data.dataset = None: data.source = 'timm' needs a timm dataset name" in errors()
+
+
+def test_class_folders_in_a_tar_per_split_train_as_the_folders_do(train_in_process, tmp_path, digits_root):
+    """data.source = folder with train.tar and val.tar: the same images, classes and numbering as the folders."""
+    import tarfile
+
+    for split in ("train", "val"):
+        with tarfile.open(tmp_path / f"{split}.tar", "w") as tar:
+            tar.add(digits_root / split, arcname=".")
+    args = ["model.name=test_resnet", "data.source=folder", "schedule.epochs=1", "schedule.warmup_epochs=0",
+            "averaging.strategy=none"]
+    from_tar = train_in_process([*args, f"data.root={tmp_path}", f"output.dir={tmp_path / 'tar'}"])
+    from_folders = train_in_process([*args, f"data.root={digits_root}", f"output.dir={tmp_path / 'folders'}"])
+    assert from_tar["eval"]["online"]["images"] == from_folders["eval"]["online"]["images"] == 360
+    assert from_tar["eval"]["online"]["top1"] == pytest.approx(from_folders["eval"]["online"]["top1"], abs=1e-9)

@@ -107,7 +107,16 @@ class Pipeline:
     crop_pct: float
 
 
-def resolve_pipeline(cfg: DataConfig, model, pretrained: bool, stats: tuple | None = None) -> Pipeline:
+def _per_channel(values, in_chans: int | None) -> tuple:
+    """A 3-channel default for a model with another channel count: its mean, once per channel."""
+    values = tuple(values)
+    if in_chans is None or len(values) == in_chans:
+        return values
+    return (sum(values) / len(values),) * in_chans
+
+
+def resolve_pipeline(cfg: DataConfig, model, pretrained: bool, stats: tuple | None = None,
+                     in_chans: int | None = None) -> Pipeline:
     """Normalisation from the recipe, else the dataset's own `stats` (mean, std) when training from
     scratch, else the model's pretrained config. Interpolation and eval crop from the recipe, else the
     pretrained config when the weights are pretrained; a model trained from scratch here has no
@@ -115,8 +124,8 @@ def resolve_pipeline(cfg: DataConfig, model, pretrained: bool, stats: tuple | No
     pcfg = getattr(model, "pretrained_cfg", {}) or {}
     own_mean, own_std = stats if stats is not None and not pretrained else (None, None)
     return Pipeline(
-        mean=tuple(cfg.mean or own_mean or pcfg.get("mean", (0.485, 0.456, 0.406))),
-        std=tuple(cfg.std or own_std or pcfg.get("std", (0.229, 0.224, 0.225))),
+        mean=_per_channel(cfg.mean or own_mean or pcfg.get("mean", (0.485, 0.456, 0.406)), in_chans),
+        std=_per_channel(cfg.std or own_std or pcfg.get("std", (0.229, 0.224, 0.225)), in_chans),
         interpolation=cfg.interpolation or (pcfg.get("interpolation", "bilinear") if pretrained else "bilinear"),
         crop_pct=cfg.crop_pct or (pcfg.get("crop_pct", 1.0) if pretrained else 1.0),
     )
@@ -149,9 +158,25 @@ def _natural_key(name: str) -> list:
     return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", name)]
 
 
+def split_path(root: Path, split: str) -> Path | None:
+    """A split is a folder `<root>/<split>` of class folders, or a tar file `<root>/<split>.tar` of them."""
+    for path in (root / split, root / f"{split}.tar"):
+        if path.exists():
+            return path
+    return None
+
+
 def split_classes(root: Path, split: str) -> list[str]:
-    folder = root / split
-    return sorted((p.name for p in folder.iterdir() if p.is_dir()), key=_natural_key) if folder.is_dir() else []
+    path = split_path(root, split)
+    if path is None:
+        return []
+    if path.is_dir():
+        return sorted((p.name for p in path.iterdir() if p.is_dir()), key=_natural_key)
+    import tarfile
+
+    with tarfile.open(path) as tar:  # member names: [./]<class>/<file>
+        names = {Path(m.name).parts[-2] for m in tar.getmembers() if m.isfile() and len(Path(m.name).parts) >= 2}
+    return sorted(names, key=_natural_key)
 
 
 def folder_class_map(root: Path, train_split: str, class_map: str | None) -> dict[str, int]:
@@ -172,20 +197,26 @@ def create_datasets(cfg: DataConfig, model, num_classes: int, in_chans: int, see
     from framework.data import fashion_mnist
 
     stats = (fashion_mnist.MEAN * in_chans, fashion_mnist.STD * in_chans) if cfg.source == "fashion_mnist" else None
-    p = resolve_pipeline(cfg, model, pretrained, stats)
+    p = resolve_pipeline(cfg, model, pretrained, stats, in_chans)
     eval_tf = create_transform(cfg.image_size, is_training=False, crop_pct=p.crop_pct, interpolation=p.interpolation,
                                mean=p.mean, std=p.std)
     train_tf = create_train_transform(cfg, p) if train_transform == "train" else eval_tf
     if cfg.source == "fashion_mnist":
         train, val = fashion_mnist.create_fashion_mnist(cfg.root, default_cache_dir(), train_tf, eval_tf, in_chans)
         return fixed_subset(train, cfg.train_subset), val
+    if cfg.source == "timm":
+        from framework.data.timm_datasets import create_timm_dataset
+
+        return (fixed_subset(create_timm_dataset(cfg, cfg.train_split, train_tf, in_chans), cfg.train_subset),
+                create_timm_dataset(cfg, cfg.val_split, eval_tf, in_chans))
     root = ensure_digits_folder(Path(cfg.root) if cfg.root else None) if cfg.source == "digits" else Path(cfg.root)
     mode = "L" if in_chans == 1 else "RGB"
     # timm numbers each split's folders on its own: a split missing a class would shift later labels
     classes = folder_class_map(root, cfg.train_split, cfg.class_map)
-    train = create_dataset("", root=str(root), split=cfg.train_split, is_training=True, input_img_mode=mode,
+    train = create_dataset("", root=str(split_path(root, cfg.train_split)), is_training=True, input_img_mode=mode,
                            transform=train_tf, class_map=classes)
-    val = create_dataset("", root=str(root), split=cfg.val_split, input_img_mode=mode, transform=eval_tf, class_map=classes)
+    val = create_dataset("", root=str(split_path(root, cfg.val_split)), input_img_mode=mode, transform=eval_tf,
+                         class_map=classes)
     return fixed_subset(train, cfg.train_subset), val
 
 

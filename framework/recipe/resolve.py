@@ -140,16 +140,25 @@ def _check_semantics(r: Recipe, errors: list[str]) -> None:
             errors.append("data.root = None: source 'folder' needs an image folder with train and val splits")
         else:
             missing = False
+            from framework.data.loaders import split_path
+
             for split in (d.train_split, d.val_split):
-                if not (Path(d.root) / split).is_dir():
+                if split_path(Path(d.root), split) is None:
                     missing = True
-                    errors.append(f"data.root = {d.root!r}: folder {Path(d.root) / split} not found (data.{'train' if split == d.train_split else 'val'}_split = {split!r})")
+                    errors.append(f"data.root = {d.root!r}: neither folder {Path(d.root) / split} nor {split}.tar there "
+                                  f"(data.{'train' if split == d.train_split else 'val'}_split = {split!r})")
             if not missing:
                 _check_classes(r, errors)
+    elif d.source == "timm":
+        from framework.data.timm_datasets import check_timm_dataset
+
+        check_timm_dataset(d, r.model.num_classes, errors)
     elif d.source == "fashion_mnist":
         from framework.data.fashion_mnist import check_files
 
         check_files(d.root, errors)
+    if d.source != "timm" and d.dataset is not None:
+        errors.append(f"data.dataset = {d.dataset!r}: only with data.source = 'timm' (got {d.source!r})")
     if d.source != "folder" and d.class_map is not None:
         errors.append(f"data.class_map = {d.class_map!r}: only with data.source = 'folder' (got {d.source!r})")
     for key, pair in (("scale", d.augment.scale), ("ratio", d.augment.ratio)):

@@ -56,9 +56,12 @@ class AugmentConfig:
 
 @dataclass(kw_only=True)
 class DataConfig:
-    source: Literal["digits", "fashion_mnist", "folder", "synthetic"] = spec("digits")
-    root: str | None = spec(None, doc="image folder with train/ and val/ (folder); cache dir (digits); "
-                                      "the four IDX files (fashion_mnist; default: Debian's dataset-fashion-mnist)")
+    source: Literal["digits", "fashion_mnist", "folder", "timm", "synthetic"] = spec("digits")
+    root: str | None = spec(None, doc="folder with <split>/ class folders or <split>.tar files (folder); cache dir "
+                                      "(digits); the four IDX files (fashion_mnist; default: Debian's dataset-fashion-mnist); "
+                                      "the dataset's local files (timm)")
+    dataset: str | None = spec(None, doc="timm: a timm.data.create_dataset name with local files (torch/cifar10, "
+                                         "torch/fashion_mnist, ...); framework/data/timm_datasets.py says which hold")
     train_subset: int | None = spec(None, ge=1, doc="train on a fixed subset of N images (the same in every run and seed)")
     train_split: str = spec("train")
     val_split: str = spec("val")
