@@ -13,6 +13,7 @@ statistics: differences are paired, with the 95% Student-t rule of framework/rep
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
 from pathlib import Path
@@ -29,39 +30,53 @@ SETUPS = {  # recipe, overrides, the epoch averaging starts (and mixing stops, i
 VARIANTS = ("to_end", "off_at_start")
 
 
-def measure_run(out: Path) -> dict[str, float]:
-    """Top-1 of the run's averaged weights with BN statistics from each kind of input, and the live top-1."""
-    import contextlib
-    import json
-
+def rebuild(out: Path, overrides=()):
+    """A finished run's recipe, its exported averaged weights in a fresh model, and one process's loaders."""
     import torch
     from accelerate.utils import set_seed
     from safetensors.torch import load_file
 
-    from framework.bn.inputs import RECOMPUTE_INPUTS, create_pass_inputs
-    from framework.bn.recompute import recompute_bn_stats
     from framework.data.loaders import create_datasets, create_loaders
     from framework.recipe.resolve import resolve_recipe
-    from framework.training.evaluation import evaluate
     from framework.training.models import create_model
 
-    recipe = resolve_recipe(out / "recipe.yaml", ["resume=never", f"output.dir={out}-measure"])
+    recipe = resolve_recipe(out / "recipe.yaml", ["resume=never", f"output.dir={out}-measure", *overrides])
     set_seed(recipe.seed)
     model = create_model(recipe.model, recipe.data.image_size)[0]
     model.load_state_dict(load_file(out / "model_averaged.safetensors"))
-    m, last = recipe.model, recipe.schedule.epochs - 1
+    m = recipe.model
     train_ds, val_ds = create_datasets(recipe.data, model, m.num_classes, m.in_chans, recipe.seed)
     loaders = create_loaders(recipe.data, train_ds, val_ds, 0, 1, recipe.seed, pin_memory=False)
-    loaders.train_sampler.set_epoch(last)
-    device = torch.device("cpu")
+    loaders.train_sampler.set_epoch(recipe.schedule.epochs - 1)
+    return recipe, model, loaders, torch.device("cpu")
+
+
+def top1_after_pass(model, batches, max_batches, loaders, num_classes: int, device) -> float:
+    """Recompute the BN statistics from `batches` (at most `max_batches`), then evaluate."""
+    import contextlib
+
+    from framework.bn.recompute import recompute_bn_stats
+    from framework.training.evaluation import evaluate
+
+    recompute_bn_stats(model, batches, max_batches, device)
+    return evaluate(model, loaders.val, device, num_classes, contextlib.nullcontext)["top1"]
+
+
+def measure_run(out: Path) -> dict[str, float]:
+    """Top-1 of the run's averaged weights with BN statistics from each kind of input, and the live top-1."""
+    import json
+
+    from framework.bn.inputs import RECOMPUTE_INPUTS, create_pass_inputs
+
+    recipe, model, loaders, device = rebuild(out)
+    last = recipe.schedule.epochs - 1
     result = {"live": json.loads((out / "summary.json").read_text())["eval"]["online"]["top1"]}
     for kind in RECOMPUTE_INPUTS:
         if kind == "mixed" and not recipe.mixup.active:
             continue
-        r = resolve_recipe(out / "recipe.yaml", ["resume=never", f"output.dir={out}-measure", f"bn.recompute_inputs={kind}"])
+        r = dataclasses.replace(recipe, bn=dataclasses.replace(recipe.bn, recompute_inputs=kind))
         batches = create_pass_inputs(r, model, loaders.train, lambda: last, 0, 1, pin_memory=False)()
-        recompute_bn_stats(model, batches, None, device)
-        result[kind] = evaluate(model, loaders.val, device, m.num_classes, contextlib.nullcontext)["top1"]
+        result[kind] = top1_after_pass(model, batches, None, loaders, recipe.model.num_classes, device)
     return result
 
 
