@@ -145,7 +145,7 @@ def _check_semantics(r: Recipe, errors: list[str]) -> None:
             for split in (d.train_split, d.val_split):
                 if split_path(Path(d.root), split) is None:
                     missing = True
-                    errors.append(f"data.root = {d.root!r}: neither folder {Path(d.root) / split} nor {split}.tar there "
+                    errors.append(f"data.root = {d.root!r}: {Path(d.root) / split} not found, as a folder or as {split}.tar "
                                   f"(data.{'train' if split == d.train_split else 'val'}_split = {split!r})")
             if not missing:
                 _check_classes(r, errors)

@@ -155,7 +155,8 @@ AveragingConfig = _averaging_config()
 @dataclass(kw_only=True)
 class BNConfig:
     mode: Literal[tuple(BN_MODES)] = spec("local", doc="local | sync | reduce (see framework/bn/__init__.py)")
-    recompute_batches: int | None = spec(None, ge=1, doc="batches per process for the recompute pass; all when null")
+    recompute_batches: int | None = spec(200, ge=1, doc="batches per process for the recompute pass (fvcore's PreciseBN "
+                                                        "default; measured against the full pass in docs/RESULTS.md); null: all")
     recompute_inputs: Literal[RECOMPUTE_INPUTS] = spec("train", doc="what the recompute pass sees: train (train "
                                                        "transform), mixed (and Mixup), eval (eval transform)")
     export_stats: Literal[tuple(BN_SOURCES)] = spec("recompute", doc="BN statistics of model_averaged.safetensors")
@@ -165,8 +166,8 @@ class BNConfig:
 class EvalConfig:
     every_epochs: int = spec(1, ge=1, doc="evaluate after every N epochs, and always after the last")
     bn_sources: list[Literal[tuple(BN_SOURCES)]] | None = spec(
-        None, doc="BN sources the averaged weights are evaluated under after each epoch; every source after the "
-                  "last one. null: every source every epoch")
+        factory=lambda: ["recompute"], doc="BN sources the averaged weights are evaluated under after each epoch; "
+                                           "every source after the last one. null: every source every epoch")
 
 
 @dataclass(kw_only=True)

@@ -237,9 +237,10 @@ def train(recipe: Recipe) -> dict:
                        updates_per_epoch, live_bn, amp=amp, accumulate_steps=accumulate, loss_fn=create_loss(recipe.loss, recipe.mixup.active),
                        mixup=create_mixup(recipe.mixup, recipe.loss, recipe.model.num_classes, recipe.seed,
                                           accelerator.process_index))
-    avg_eval = AveragedEval(module, view, live_bn, bn_mode, create_pass_inputs(
-        recipe, module, loaders.train, lambda: state.epoch, accelerator.process_index, accelerator.num_processes, cuda),
-                            recipe.bn.recompute_batches, device, amp.autocast, dtype)
+    pass_inputs = create_pass_inputs(recipe, module, loaders.train, lambda: state.epoch, accelerator.process_index,
+                                     accelerator.num_processes, cuda)
+    avg_eval = AveragedEval(module, view, live_bn, bn_mode, pass_inputs, recipe.bn.recompute_batches, device,
+                            amp.autocast, dtype)
     evaluate_live = lambda: evaluate(module, loaders.val, device, recipe.model.num_classes, amp.autocast, dtype)  # noqa: E731
 
     out = Path(recipe.output.dir)
