@@ -73,6 +73,7 @@ def main() -> int:
     import torch.distributed as dist
     from accelerate.utils import set_seed
 
+    from framework.averaging.tracks import create_tracks
     from framework.averaging.views import create_view
     from framework.data.loaders import create_datasets, create_loaders
     from framework.data.mixup import create_mixup
@@ -84,7 +85,7 @@ def main() -> int:
         create_optimizer,
         create_scheduler,
     )
-    from framework.training.loop import TrainState, create_averaging, train_one_epoch
+    from framework.training.loop import TrainState, train_one_epoch
     from framework.training.losses import create_loss
     from framework.training.models import create_model
     from framework.training.speed import apply_speed_options
@@ -109,10 +110,10 @@ def main() -> int:
     view = create_view(accelerator, ours)
     accumulate = recipe.optimizer.accumulate_steps
     updates = -(-len(loaders.train) // accumulate)
-    averager = create_averaging(recipe, accelerator.unwrap_model(ours), view, updates)[0]
+    tracks = create_tracks(recipe, accelerator.unwrap_model(ours), view, updates)[0]
     state = TrainState(ours, opt_ours, create_scheduler(recipe.schedule, opt_ours, updates), accelerator,
                        create_grad_clipper(recipe.optimizer, recipe.backend.type == "deepspeed"),
-                       next(accelerator.unwrap_model(ours).parameters()).dtype, averager, updates,
+                       next(accelerator.unwrap_model(ours).parameters()).dtype, [t.averager for t in tracks], updates,
                        accumulate_steps=accumulate, loss_fn=create_loss(recipe.loss, recipe.mixup.active),
                        mixup=create_mixup(recipe.mixup, recipe.loss, m.num_classes, recipe.seed, accelerator.process_index))
     # theirs: timm's Mixup and loss as its train.py builds them, on the same settings
@@ -152,8 +153,8 @@ def main() -> int:
         theirs_ips.append(images_per_block / t_theirs)
         ratios.append(t_theirs / t_ours)
     if accelerator.is_main_process:
-        print(f"averaging {recipe.averaging.strategy} from step {averager.start_step if averager else '-'}, "
-              f"{averager.n if averager else 0} updates timed in")
+        print("averaging: " + (", ".join(f"{t.name} from step {t.averager.start_step}, {t.averager.n} updates timed in"
+                                         for t in tracks) or "none"))
         extras = [f"{k} {v}" for k, v in (("mixup", recipe.mixup.active), ("loss", recipe.loss.name),
                                              ("accumulate_steps", accumulate), ("channels_last", m.channels_last))]
         print(", ".join(extras))

@@ -176,8 +176,8 @@ def test_zero_partitions_are_re_cut_for_another_world_size():
                                                                  "step": torch.tensor(9.0)}},  # Adam's 0-dim step
                                                    "param_groups": [{"params": [0], "lr": 0.05}]},
                           "loss_scaler": {"cur_scale": 1.0}},
-            "averager": {"n": 4, "tensors": {f"t{j}": t for j, t in enumerate(
-                _partition(avg, lay, "averaged", [-(-n // 2) for n in sizes.values()]))}},
+            "averager": {"swa": {"n": 4, "tensors": {f"t{j}": t for j, t in enumerate(
+                _partition(avg, lay, "averaged", [-(-n // 2) for n in sizes.values()]))}}},
         })
     for rank in range(3):
         lay = _zero3_layout(sizes, 3, rank)
@@ -190,9 +190,9 @@ def test_zero_partitions_are_re_cut_for_another_world_size():
         state = new["optimizer"]["optimizer_state_dict"]
         assert torch.equal(state["state"][0]["momentum_buffer"], _partition(momentum, lay, "master", lay["master_sizes"])[0])
         assert state["state"][0]["step"] == 9 and state["param_groups"] == [{"params": [0], "lr": 0.05}]
-        assert new["optimizer"]["loss_scaler"] == {"cur_scale": 1.0} and new["averager"]["n"] == 4
+        assert new["optimizer"]["loss_scaler"] == {"cur_scale": 1.0} and new["averager"]["swa"]["n"] == 4
         expected = _partition(avg, lay, "averaged", avg_sizes)
-        assert all(torch.equal(new["averager"]["tensors"][f"t{j}"], t) for j, t in enumerate(expected))
+        assert all(torch.equal(new["averager"]["swa"]["tensors"][f"t{j}"], t) for j, t in enumerate(expected))
 
 
 @pytest.fixture

@@ -126,3 +126,22 @@ def test_zero2_accumulates_updates_as_ddp_does(tmp_path):
             torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=0, msg=f"{file}: {k}")
     assert [r["train/loss"] for r in read_metrics(runs["zero2"])] == pytest.approx(
         [r["train/loss"] for r in read_metrics(runs["ddp"])], rel=1e-5)
+
+
+def test_zero3_runs_several_averagers_each_shard_local(runs, tmp_path):
+    """SWA (as in the single run) and an EMA beside it under ZeRO-3: each keeps 1/N of its fp32 copy per
+    process and sends nothing; the SWA copy is the single run's, bit for bit (the EMA sets no rate)."""
+    import json
+
+    swa = {"strategy": "swa", "start": 0.4, "swa": {"lr": 0.02, "anneal_epochs": 1}}
+    ema = {"strategy": "ema", "start": 0.4, "ema": {"decay": 0.9}}
+    out = tmp_path / "run"
+    check_ok(launch([*ARGS, *BACKENDS["zero3"], f"averaging={json.dumps([swa, ema])}", f"output.dir={out}"], nproc=2,
+                    cwd=tmp_path))
+    both, single = read_summary(out), read_summary(runs["zero3"])
+    one = single["averaging"]["state_bytes_per_process"]
+    assert both["averaging"]["averagers"]["swa"]["state_bytes_per_process"] == one
+    assert both["averaging"]["state_bytes_per_process"] == 2 * one and both["averaging"]["comm_bytes_per_update"] == 0
+    a, b = load_file(runs["zero3"] / "model_averaged.safetensors"), load_file(out / "model_averaged-swa.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert both["eval"]["averaged"]["swa"]["recompute"]["top1"] == single["eval"]["averaged"]["recompute"]["top1"]

@@ -123,7 +123,7 @@ def test_divergence_is_refused_at_the_same_step_on_every_process(tmp_path):
     for ckpt in ckpts:
         for rank in (0, 1):
             state = load_rank_state(ckpt, rank)
-            tensors = [*state["model"].values(), *state["averager"]["tensors"].values()]
+            tensors = [*state["model"].values(), *state["averager"]["swa"]["tensors"].values()]
             assert all(torch.isfinite(t).all() for t in tensors if t.is_floating_point())
 
 

@@ -1,7 +1,7 @@
 """Weight averaging: a registry of rules (how much each update weighs) and the averager that applies them.
 
 A new strategy is one file with a class (`Options` dataclass, `zero_stages`, `weight(n)`,
-`adjust_lr`, `state_dict`, `load_state_dict`) plus one line in `AVERAGERS`; the recipe schema
+`sets_lr`, `adjust_lr`, `state_dict`, `load_state_dict`) plus one line in `AVERAGERS`; the recipe schema
 (`averaging.<name>` options) and the shared tests pick it up.
 """
 

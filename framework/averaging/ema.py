@@ -32,6 +32,8 @@ class EMA:
     def weight(self, n: int) -> float:
         return 1.0 if n == 0 else 1.0 - self.current_decay(n)
 
+    sets_lr = False
+
     def adjust_lr(self, optimizer, steps_since_start: int, steps_per_epoch: int) -> None:
         pass
 

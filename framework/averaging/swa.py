@@ -29,6 +29,11 @@ class SWA:
     def weight(self, n: int) -> float:
         return 1.0 / (n + 1)
 
+    @property
+    def sets_lr(self) -> bool:
+        """SWALR: this rule sets the learning rate once averaging starts."""
+        return self.lr is not None
+
     def adjust_lr(self, optimizer, steps_since_start: int, steps_per_epoch: int) -> None:
         """SWALR: from the schedule's learning rate at the start to `lr`, then constant."""
         if self.lr is None:

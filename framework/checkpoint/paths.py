@@ -28,7 +28,8 @@ def check_output_dir(out: Path, errors: list[str]) -> None:
     if out.exists() and not out.is_dir():
         errors.append(f"output.dir = {str(out)!r}: exists and is not a folder")
         return
-    for name in RUN_FILES:
+    named = [p.name for p in out.glob("model_averaged-*.safetensors")] if out.is_dir() else []  # several averagers
+    for name in (*RUN_FILES, *named):
         path = out / name
         if path.is_symlink():
             errors.append(f"output.dir = {str(out)!r}: {name} is a symbolic link (to {os.readlink(path)}); "

@@ -17,7 +17,7 @@ import torch
 from framework.training.builders import load_scheduler_state_dict, scheduler_state_dict
 
 
-def capture(state, engine_state, sources: dict, position: dict, epoch_stats: dict | None,
+def capture(state, engine_state, tracks: list, position: dict, epoch_stats: dict | None,
             records: list[dict]) -> tuple[dict, dict]:
     """(this process's own state, the state every process holds alike). The second is written once."""
     rng = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
@@ -26,8 +26,8 @@ def capture(state, engine_state, sources: dict, position: dict, epoch_stats: dic
     if state.mixup is not None:
         rng["mixup"] = state.mixup.state_dict()
     engine = engine_state.state_dict()  # model, optimizer, engine counters
-    averager = state.averager.state_dict() if state.averager is not None else None
-    own = {"sources": {name: s.state_dict() for name, s in sources.items()}, "rng": rng,
+    averager = {t.name: t.averager.state_dict() for t in tracks}  # framework/averaging/tracks.py
+    own = {"sources": {t.name: {n: s.state_dict() for n, s in t.sources.items()} for t in tracks}, "rng": rng,
            "position": {**position, "num_updates": state.num_updates}, "epoch_stats": epoch_stats}
     shared = {"scheduler": scheduler_state_dict(state.scheduler), "amp": state.amp.state_dict(), "records": records}
     if engine_state.partitioned:  # ZeRO: partitions (of the averaged copy too) are each process's own
@@ -39,15 +39,27 @@ def capture(state, engine_state, sources: dict, position: dict, epoch_stats: dic
     return own, shared
 
 
-def restore(saved: dict, state, engine_state, sources: dict, same_world: bool, batch_size: int, world: int) -> None:
+def by_track(saved: dict, tracks: list) -> dict:
+    """A checkpoint written before several averagers existed holds one averager's state and sources
+    unnamed: they belong to the one track."""
+    if saved.get("averager") is None or "n" in saved["averager"]:
+        saved["averager"] = {tracks[0].name: saved["averager"]} if tracks and saved.get("averager") else {}
+        saved["sources"] = {tracks[0].name: saved["sources"]} if tracks else {}
+    return saved
+
+
+def restore(saved: dict, state, engine_state, tracks: list, same_world: bool, batch_size: int, world: int) -> None:
     """`batch_size`: images per process per optimizer update (the batch times accumulate_steps)."""
     engine_state.load_state_dict(saved)
     load_scheduler_state_dict(state.scheduler, saved["scheduler"], same_units=same_world)
     state.amp.load_state_dict(saved["amp"])
-    if state.averager is not None and saved["averager"] is not None:
-        state.averager.load_state_dict(saved["averager"])
-    for name, source in sources.items():
-        source.load_state_dict(saved["sources"][name])
+    for t in tracks:
+        if t.name not in saved["averager"]:
+            raise SystemExit(f"the checkpoint has no averager {t.name!r} (it has {', '.join(saved['averager']) or 'none'}); "
+                             "resume with the averagers it was written with, or resume=never")
+        t.averager.load_state_dict(saved["averager"][t.name])
+        for name, source in t.sources.items():
+            source.load_state_dict(saved["sources"][t.name][name])
     pos = saved["position"]
     if not same_world:  # re-count the updates in this world's units, at the same point of training
         state.num_updates = pos["epoch"] * state.steps_per_epoch + round(pos["samples_in_epoch"] / (batch_size * world))
@@ -65,7 +77,7 @@ def restore(saved: dict, state, engine_state, sources: dict, same_world: bool, b
             state.mixup.load_state_dict(rng["mixup"])
 
 
-def resume_run(recipe, out, state, engine_state, sources: dict, accelerator) -> dict:
+def resume_run(recipe, out, state, engine_state, tracks: list, accelerator) -> dict:
     """Load the checkpoint `recipe.resume` names (auto: the newest complete one). Where training starts."""
     from pathlib import Path
 
@@ -98,12 +110,12 @@ def resume_run(recipe, out, state, engine_state, sources: dict, accelerator) -> 
     old_world = checkpoint_world_size(path)
     same = old_world == world
     if same or not engine_state.partitioned:
-        saved = load_rank_state(path, accelerator.process_index)  # rank 0's when there were fewer processes
+        saved = by_track(load_rank_state(path, accelerator.process_index), tracks)  # rank 0's with fewer processes
     else:  # ZeRO partitions: re-cut from every old process's
-        sizes = [t.numel() for t in state.averager.avg.tensors()] if state.averager is not None else []
-        saved = engine_state.reshard([load_rank_state(path, r) for r in range(old_world)], sizes)
+        sizes = [t.numel() for t in tracks[0].averager.avg.tensors()] if tracks else []
+        saved = engine_state.reshard([by_track(load_rank_state(path, r), tracks) for r in range(old_world)], sizes)
     pos = saved["position"]
-    restore(saved, state, engine_state, sources, same, recipe.data.batch_size * recipe.optimizer.accumulate_steps, world)
+    restore(saved, state, engine_state, tracks, same, recipe.data.batch_size * recipe.optimizer.accumulate_steps, world)
     if accelerator.is_main_process:
         how = "re-cut from every old process's partitions" if engine_state.partitioned else "from rank 0"
         note = "" if same else (f"; world size {world} (was {pos['world_size']}): weights and optimizer {how}, "

@@ -106,11 +106,12 @@ def reshard(old: list[dict], live: dict, stage: int, layout: dict, averaged_size
                                                                       live["optimizer"][optim_key]["param_groups"], strict=True)]}
 
     resharded = {**old[0], "optimizer": zero}  # buffers, counters, scheduler, BN sources: replicated, rank 0's
-    if old[0].get("averager") is not None:
-        tensors = [(s["layout"]["averaged"], [s["averager"]["tensors"][f"t{i}"] for i in range(len(s["averager"]["tensors"]))])
-                   for s in old]
+    resharded["averager"] = {}
+    for name, first_state in (old[0].get("averager") or {}).items():  # each averager's partitions, by name
+        count = len(first_state["tensors"])
+        tensors = [(s["layout"]["averaged"], [s["averager"][name]["tensors"][f"t{i}"] for i in range(count)]) for s in old]
         new = cut(assemble(tensors), layout["averaged"], averaged_sizes)
-        resharded["averager"] = {**old[0]["averager"], "tensors": {f"t{i}": t for i, t in enumerate(new)}}
+        resharded["averager"][name] = {**first_state, "tensors": {f"t{i}": t for i, t in enumerate(new)}}
     return resharded
 
 

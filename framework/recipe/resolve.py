@@ -78,6 +78,7 @@ def _check_semantics(r: Recipe, errors: list[str]) -> None:
     import timm.optim
     import torch
 
+    from framework.averaging.checks import check_averagers
     from framework.bn.inputs import check_recompute_inputs
     from framework.data.loaders import check_augment
     from framework.data.mixup import check_mixup
@@ -101,11 +102,8 @@ def _check_semantics(r: Recipe, errors: list[str]) -> None:
     check_mixup(r.mixup, r.data.batch_size, r.schedule.epochs, errors)
     check_loss(r.loss, r.mixup.active, errors)
     check_recompute_inputs(r.bn.recompute_inputs, r.mixup.active, errors)
-    check_best(r.export.best, r.averaging.strategy, r.eval.bn_sources, errors)
-    a = r.averaging
-    if a.strategy != "none" and a.start_epoch is not None and a.start_epoch >= r.schedule.epochs:
-        errors.append(f"averaging.start_epoch = {a.start_epoch}: averaging would never start; must be < schedule.epochs "
-                      f"({r.schedule.epochs})")
+    check_averagers(r.averaging, r.schedule.epochs, r.backend, errors)
+    check_best(r.export.best, r.averaging, r.eval.bn_sources, errors)
     if r.eval.every_epochs > 1 and r.schedule.name == "plateau" and r.schedule.plateau_metric.startswith("eval/"):
         errors.append(f"eval.every_epochs = {r.eval.every_epochs}: schedule.name = 'plateau' reads "
                       f"{r.schedule.plateau_metric} after every epoch; use 1, or schedule.plateau_metric = 'train/loss'")
@@ -125,13 +123,6 @@ def _check_semantics(r: Recipe, errors: list[str]) -> None:
         errors.append("backend.offload_optimizer = True: needs backend.zero_stage 1, 2 or 3 (got 0)")
     if b.offload_params and b.zero_stage != 3:
         errors.append(f"backend.offload_params = True: needs backend.zero_stage 3 (got {b.zero_stage})")
-    if r.averaging.strategy != "none" and b.type == "deepspeed":
-        from framework.averaging import AVERAGERS
-
-        stages = AVERAGERS[r.averaging.strategy].zero_stages
-        if b.zero_stage not in stages:
-            errors.append(f"averaging.strategy = {r.averaging.strategy!r}: cannot run under ZeRO stage {b.zero_stage} "
-                          f"(it supports stages {', '.join(map(str, stages))})")
     if b.type == "deepspeed" and r.faults.nonfinite == "skip":
         errors.append("faults.nonfinite = 'skip': not under DeepSpeed, whose engine steps inside backward; use 'raise'")
     d = r.data

@@ -139,6 +139,7 @@ class ScheduleConfig:
 def _averaging_config():
     """Common keys plus one options section per registered strategy (`averaging.swa.lr`, `averaging.ema.decay`)."""
     common = [
+        ("name", str | None, spec(None, doc="the averager's name in outputs when `averaging` is a list (default: its strategy)")),
         ("strategy", Literal[("none", *AVERAGERS)], spec("none")),
         ("start", float, spec(0.75, ge=0.0, lt=1.0, doc="fraction of training steps before averaging starts")),
         ("start_epoch", int | None, spec(None, ge=0, doc="overrides start: begin after this many epochs")),
@@ -150,6 +151,17 @@ def _averaging_config():
 
 
 AveragingConfig = _averaging_config()
+
+
+def averagers_of(averaging) -> list:
+    """The averagers a recipe runs: its one `averaging` section (none with strategy 'none'), or each
+    entry of its list. Outputs keep today's single-averager names when there is one section."""
+    entries = averaging if isinstance(averaging, list) else [averaging]
+    return [a for a in entries if a.strategy != "none"]
+
+
+def averager_name(cfg) -> str:
+    return cfg.name or cfg.strategy
 
 
 @dataclass(kw_only=True)
@@ -242,7 +254,8 @@ class Recipe:
     loss: LossConfig = spec(factory=LossConfig)
     optimizer: OptimizerConfig = spec(factory=OptimizerConfig)
     schedule: ScheduleConfig = spec(factory=ScheduleConfig)
-    averaging: AveragingConfig = spec(factory=AveragingConfig)
+    averaging: AveragingConfig | list[AveragingConfig] = spec(
+        factory=AveragingConfig, doc="one averager, or a list of them evaluated side by side (each with a name)")
     bn: BNConfig = spec(factory=BNConfig)
     eval: EvalConfig = spec(factory=EvalConfig)
     backend: BackendConfig = spec(factory=BackendConfig)
@@ -281,6 +294,10 @@ def _convert(value: Any, tp, key: str, errors: list[str]) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
+        section = next((a for a in inner if dataclasses.is_dataclass(a)), None)
+        if section is not None:  # a section, or a list of them: the value's shape picks
+            return _convert(value, section if not isinstance(value, list) else next(
+                a for a in inner if typing.get_origin(a) is list), key, errors)
         if len(inner) == 1:
             sub: list[str] = []
             out = _convert(value, inner[0], key, sub)
@@ -358,14 +375,23 @@ def to_dict(obj) -> dict:
     return dataclasses.asdict(obj)
 
 
+def _section(tp):
+    """The section class of a field (`AveragingConfig | list[AveragingConfig]` is a section too), or None."""
+    if dataclasses.is_dataclass(tp):
+        return tp
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return next((a for a in typing.get_args(tp) if dataclasses.is_dataclass(a)), None)
+    return None
+
+
 def field_paths(cls, prefix: str = "") -> list[str]:
     """Every valid dotted key, for override suggestions."""
     out = []
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         out.append(prefix + f.name)
-        if dataclasses.is_dataclass(hints[f.name]):
-            out.extend(field_paths(hints[f.name], prefix + f.name + "."))
+        if _section(hints[f.name]) is not None:
+            out.extend(field_paths(_section(hints[f.name]), prefix + f.name + "."))
     return out
 
 
@@ -376,6 +402,6 @@ def open_mappings(cls, prefix: str = "") -> list[str]:
     for f in dataclasses.fields(cls):
         if typing.get_origin(hints[f.name]) is dict:
             out.append(prefix + f.name)
-        elif dataclasses.is_dataclass(hints[f.name]):
-            out.extend(open_mappings(hints[f.name], prefix + f.name + "."))
+        elif _section(hints[f.name]) is not None:
+            out.extend(open_mappings(_section(hints[f.name]), prefix + f.name + "."))
     return out

@@ -40,6 +40,29 @@ def load_run(path: Path) -> RunResult:
                      json.loads((path / "summary.json").read_text()), records)
 
 
+def split_averagers(run: RunResult) -> list[RunResult]:
+    """A run with several averagers as one result per averager (an `averaging.name` column, not a new
+    run): its recipe entry, results, costs and per-epoch metrics in the single-averager layout."""
+    names = run.summary.get("averagers")
+    if not names:
+        return [run]
+    entries = run.recipe["averaging"]
+    base = {k: v for k, v in run.recipe.items() if k != "averaging"}
+    out = []
+    for name, entry in zip(names, entries, strict=True):
+        report = run.summary["averaging"]["averagers"][name]
+        summary = {**run.summary, "averaging": report,
+                   "eval": {**run.summary["eval"], "averaged": run.summary["eval"]["averaged"][name]},
+                   "throughput": {**run.summary["throughput"], "averaging_update_ms": report["update_ms"],
+                                  "bn_recompute_s": report["recompute_s"]}}
+        mine, others = f"eval/averaged/{name}/", "eval/averaged/"
+        records = [{(k.replace(mine, others, 1) if k.startswith(mine) else k): v for k, v in r.items()
+                    if k.startswith(mine) or not k.startswith(others)} for r in run.records]
+        recipe = {**base, **flatten(entry, sep=".", prefix="averaging."), "averaging.name": name}
+        out.append(RunResult(run.path, recipe, summary, records))
+    return out
+
+
 def varying_keys(runs: list[RunResult]) -> list[str]:
     keys = sorted({k for r in runs for k in r.recipe})
     return [k for k in keys if not k.startswith(NOT_COMPARED)
@@ -164,7 +187,7 @@ def _plot_sources(plt, keys: list[str], rows: list[dict], out: Path) -> list[Pat
 
 
 def compare(run_dirs: list[Path], out: Path) -> tuple[str, list[str], list[dict], list[Path]]:
-    runs = [load_run(p) for p in run_dirs]
+    runs = [one for p in run_dirs for one in split_averagers(load_run(p))]
     keys = varying_keys(runs)
     metric_names, rows = summarize(group_runs(runs, keys))
     table = markdown_table(keys, metric_names, rows)

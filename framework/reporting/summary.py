@@ -57,9 +57,24 @@ def _mean(records: list[dict], key: str) -> float:
     return sum(values) / len(values)
 
 
-def build_summary(records: list[dict], ev: dict, averaged: dict, averaging: dict, accelerator, recipe: Recipe,
-                  precision: str, recipe_hashes: list[str]) -> dict:
-    return {
+def _results(rs: dict) -> dict:
+    return {source: {k: r[k] for k in ("top1", "top5", "loss", "seconds")} for source, r in rs.items()}
+
+
+def build_summary(records: list[dict], ev: dict, averaged: dict, reports: dict, many: bool, accelerator,
+                  recipe: Recipe, precision: str, recipe_hashes: list[str]) -> dict:
+    """`averaged` and `reports` by averager name. One averager keeps the single-averager layout
+    (`eval.averaged.<source>`, `averaging.*`); several nest by name (`eval.averaged.<name>.<source>`,
+    `averaging.averagers.<name>.*`, with the per-process costs of all of them summed in `averaging`)."""
+    if many:
+        averaging = {"averagers": reports, **{k: sum(r[k] for r in reports.values()) for k in (
+            "update_ms", "state_bytes_per_process", "comm_bytes_per_update")},
+            "recompute_s": max((r["recompute_s"] for r in reports.values()), default=0.0)}
+        evaluated = {name: _results(rs) for name, rs in averaged.items()}
+    else:
+        averaging = next(iter(reports.values()), {})
+        evaluated = _results(next(iter(averaged.values()), {}))
+    summary = {
         "status": "completed",
         "name": recipe.name,
         "world_size": accelerator.num_processes,
@@ -83,10 +98,13 @@ def build_summary(records: list[dict], ev: dict, averaged: dict, averaging: dict
         "averaging": averaging,
         "eval": {
             "online": {k: ev[k] for k in ("top1", "top5", "loss", "images")},
-            "averaged": {name: {k: r[k] for k in ("top1", "top5", "loss", "seconds")} for name, r in averaged.items()},
+            "averaged": evaluated,
         },
         "memory": {"peak_mb": max(r["memory/peak_mb"] for r in records)},
     }
+    if many:
+        summary["averagers"] = list(reports)
+    return summary
 
 
 def progress_bar(enabled: bool, total: int, epoch: int):
@@ -102,7 +120,8 @@ def format_record(r: dict) -> str:
           if "eval/online/top1" in r else "not evaluated")
     line = (f"epoch {r['epoch']:3d} | loss {r['train/loss']:.4f} | {ev} | lr {r['train/lr']:.2e} "
             f"| {r['throughput/train_images_per_s']:8.1f} img/s | step {1000 * r['throughput/step_time_s']:.1f} ms")
-    averaged = [(k.split("/")[2], v) for k, v in r.items() if k.startswith("eval/averaged/") and k.endswith("/top1")]
+    averaged = [(k[len("eval/averaged/"):-len("/top1")], v) for k, v in r.items()
+                if k.startswith("eval/averaged/") and k.endswith("/top1")]
     return line + ("".join(f"\n    averaged[{name}] top1 {v:6.2f}" for name, v in averaged) if averaged else "")
 
 
@@ -111,10 +130,15 @@ def format_table(online: dict, averaged: dict, why: str = "") -> str:
     (one row when the model keeps no BN statistics), then why these sources apply."""
     from framework.bn.sources import NO_STATS
 
-    rows = [("online (live model)", online)] + [
-        ("averaged (no BN statistics)" if name == NO_STATS else f"averaged + {name}", r) for name, r in averaged.items()]
-    lines = [f"{'model / BN statistics':28s} {'top1':>7s} {'top5':>7s} {'loss':>8s}"]
-    lines += [f"{label:28s} {r['top1']:7.2f} {r['top5']:7.2f} {r['loss']:8.4f}" for label, r in rows]
+    def label(key: str) -> str:  # <source>, or <averager>/<source> with several averagers
+        name, _, source = key.rpartition("/")
+        model = f"averaged[{name}]" if name else "averaged"
+        return f"{model} (no BN statistics)" if source == NO_STATS else f"{model} + {source}"
+
+    rows = [("online (live model)", online)] + [(label(key), r) for key, r in averaged.items()]
+    width = max(28, *(len(lbl) for lbl, _ in rows))
+    lines = [f"{'model / BN statistics':{width}s} {'top1':>7s} {'top5':>7s} {'loss':>8s}"]
+    lines += [f"{lbl:{width}s} {r['top1']:7.2f} {r['top5']:7.2f} {r['loss']:8.4f}" for lbl, r in rows]
     return "\n".join(lines + ([f"BN statistics: {why}"] if why else []))
 
 

@@ -17,27 +17,40 @@ from framework.reporting.tracking import write_atomic
 METRICS = ("top1", "top5", "loss")
 
 
-def parse_metric(metric: str) -> tuple[str, str | None, str]:
-    """('online', None, 'top1') or ('averaged', <source>, 'top1'); raises ValueError when it names nothing."""
+def parse_metric(metric: str) -> tuple[str, str | None, str | None, str]:
+    """('online', None, None, 'top1'), ('averaged', None, <source>, 'top1') for the one averager, or
+    ('averaged', <name>, <source>, 'top1') for one of several; raises ValueError when it names nothing."""
     parts = metric.split("/")
     if len(parts) == 3 and parts[:2] == ["eval", "online"] and parts[2] in METRICS:
-        return "online", None, parts[2]
-    if len(parts) == 4 and parts[:2] == ["eval", "averaged"] and parts[2] in (*BN_SOURCES, NO_STATS) and parts[3] in METRICS:
-        return "averaged", parts[2], parts[3]
+        return "online", None, None, parts[2]
+    sources = (*BN_SOURCES, NO_STATS)
+    if len(parts) == 4 and parts[:2] == ["eval", "averaged"] and parts[2] in sources and parts[3] in METRICS:
+        return "averaged", None, parts[2], parts[3]
+    if len(parts) == 5 and parts[:2] == ["eval", "averaged"] and parts[3] in sources and parts[4] in METRICS:
+        return "averaged", parts[2], parts[3], parts[4]
     raise ValueError(metric)
 
 
-def check_best(metric: str | None, strategy: str, bn_sources: list[str] | None, errors: list[str]) -> None:
+def check_best(metric: str | None, averaging, bn_sources: list[str] | None, errors: list[str]) -> None:
+    from framework.recipe.schema import averager_name, averagers_of
+
     if metric is None:
         return
     try:
-        model, source, _ = parse_metric(metric)
+        model, name, source, _ = parse_metric(metric)
     except ValueError:
-        errors.append(f"export.best = {metric!r}: expected eval/online/<m> or eval/averaged/<source>/<m> with <m> one of "
-                      f"{', '.join(METRICS)} and <source> one of {', '.join((*BN_SOURCES, NO_STATS))}")
+        errors.append(f"export.best = {metric!r}: expected eval/online/<m> or eval/averaged/[<averager>/]<source>/<m> "
+                      f"with <m> one of {', '.join(METRICS)} and <source> one of {', '.join((*BN_SOURCES, NO_STATS))}")
         return
-    if model == "averaged" and strategy == "none":
+    names = [averager_name(a) for a in averagers_of(averaging)]
+    many = isinstance(averaging, list)
+    if model == "averaged" and not names:
         errors.append(f"export.best = {metric!r}: averaged weights need averaging.strategy other than 'none'")
+    elif model == "averaged" and many and name not in names:
+        errors.append(f"export.best = {metric!r}: with several averagers name one: eval/averaged/<averager>/{source}/..."
+                      f" with <averager> one of {', '.join(names)}")
+    elif model == "averaged" and not many and name is not None:
+        errors.append(f"export.best = {metric!r}: one averager: eval/averaged/{source}/... names its results")
     elif model == "averaged" and bn_sources is not None and source not in bn_sources and source != NO_STATS:
         errors.append(f"export.best = {metric!r}: {source!r} is not evaluated after each epoch (eval.bn_sources = "
                       f"{bn_sources}); add it there")
@@ -46,7 +59,7 @@ def check_best(metric: str | None, strategy: str, bn_sources: list[str] | None, 
 class BestExport:
     def __init__(self, metric: str, out: Path, records: list[dict]):
         self.metric, self.out = metric, out
-        self.model, self.source, kind = parse_metric(metric)
+        self.model, self.name, self.source, kind = parse_metric(metric)
         self.lower = kind == "loss"
         seen = [r[metric] for r in records if metric in r]
         self.best = (min(seen) if self.lower else max(seen)) if seen else None

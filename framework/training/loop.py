@@ -10,11 +10,12 @@ from pathlib import Path
 
 import torch
 
-from framework.averaging import WeightAverager, create_rule
+from framework.averaging import WeightAverager
+from framework.averaging.tracks import create_tracks, export_file, result_key, several, track_report
 from framework.averaging.views import create_view
 from framework.bn import BN_MODES, bn_buffers, swapped
 from framework.bn.inputs import create_pass_inputs
-from framework.bn.sources import NO_STATS, create_sources
+from framework.bn.sources import NO_STATS
 from framework.checkpoint.engine_state import create_engine_state
 from framework.checkpoint.resume import capture, resume_run
 from framework.checkpoint.store import checkpoint_tag, save_checkpoint
@@ -65,7 +66,7 @@ class TrainState:
     accelerator: object
     clip: Callable[[torch.nn.Module], None] | None  # framework.training.builders.create_grad_clipper
     input_dtype: torch.dtype = torch.float32  # DeepSpeed bf16/fp16 engines take inputs in their dtype
-    averager: WeightAverager | None = None
+    averagers: list[WeightAverager] = field(default_factory=list)
     steps_per_epoch: int = 1  # optimizer updates per epoch
     bn_buffers: list = field(default_factory=list)  # live BN statistics, put back when a step is refused
     num_updates: int = 0
@@ -79,9 +80,9 @@ class TrainState:
         """Schedule, then averaging (whose SWALR, once started, overrides the schedule's lr)."""
         self.num_updates += 1
         self.scheduler.step_update(num_updates=self.num_updates)
-        if self.averager is not None:
-            self.averager.maybe_update(self.num_updates)
-            self.adjust_lr()
+        for averager in self.averagers:
+            averager.maybe_update(self.num_updates)
+        self.adjust_lr()
 
     def base_lr(self) -> float:
         """The rate before layer decay scales each group (what the schedule and SWALR set)."""
@@ -89,8 +90,10 @@ class TrainState:
         return group["lr"] / group.get("lr_scale", 1.0)
 
     def adjust_lr(self) -> None:
-        if self.averager is not None and self.averager.started:
-            self.averager.rule.adjust_lr(self.optimizer, self.num_updates - self.averager.start_step, self.steps_per_epoch)
+        """SWALR, once its averager started (validation lets one averager at most set the rate)."""
+        for a in self.averagers:
+            if a.started and a.rule.sets_lr:
+                a.rule.adjust_lr(self.optimizer, self.num_updates - a.start_step, self.steps_per_epoch)
 
 
 def _sync(device: torch.device) -> None:
@@ -178,21 +181,6 @@ def train_one_epoch(state: TrainState, loader, max_steps: int | None = None, pro
     return stats
 
 
-def create_averaging(recipe: Recipe, module, view, steps_per_epoch: int):
-    """The weight averager over the view's tensors, the BN-statistics sources listening to it, the
-    source the export uses, and what the run reports about the model's normalisation."""
-    cfg = recipe.averaging
-    if cfg.strategy == "none":
-        return None, {}, None, {}
-    total = recipe.schedule.epochs * steps_per_epoch
-    start = cfg.start_epoch * steps_per_epoch if cfg.start_epoch is not None else int(cfg.start * total)
-    averager = WeightAverager(create_rule(cfg.strategy, getattr(cfg, cfg.strategy)), view.sources,
-                              start_step=max(start, 1), every_steps=cfg.every_steps, offload=cfg.offload)
-    sources, export, bn_report = create_sources(module, recipe.bn.export_stats)
-    averager.listeners = [s.on_update for s in sources.values()]
-    return averager, sources, export, bn_report
-
-
 def train(recipe: Recipe) -> dict:
     """Run a validated recipe on the current launch. Returns the summary (on every process)."""
     from accelerate.utils import set_seed
@@ -227,13 +215,14 @@ def train(recipe: Recipe) -> dict:
     updates_per_epoch = -(-len(loaders.train) // accumulate)  # the epoch's last update takes what is left
     scheduler = create_scheduler(recipe.schedule, optimizer, updates_per_epoch)
     view = create_view(accelerator, model)
-    averager, sources, export_source, bn_report = create_averaging(recipe, module, view, updates_per_epoch)
+    tracks, export_source, bn_report = create_tracks(recipe, module, view, updates_per_epoch)
+    many = several(recipe)
     live_bn = bn_buffers(module)
     scale = recipe.backend.loss_scale
     engine = model if recipe.backend.type == "deepspeed" else None
     amp = create_precision(precision, engine, device, scale.init, scale.growth_interval)
     clip = create_grad_clipper(recipe.optimizer, recipe.backend.type == "deepspeed")
-    state = TrainState(model, optimizer, scheduler, accelerator, clip, dtype, averager,
+    state = TrainState(model, optimizer, scheduler, accelerator, clip, dtype, [t.averager for t in tracks],
                        updates_per_epoch, live_bn, amp=amp, accumulate_steps=accumulate, loss_fn=create_loss(recipe.loss, recipe.mixup.active),
                        mixup=create_mixup(recipe.mixup, recipe.loss, recipe.model.num_classes, recipe.seed,
                                           accelerator.process_index))
@@ -249,7 +238,7 @@ def train(recipe: Recipe) -> dict:
                           deferred=not amp.can_overflow)
     control.install_signal_handlers()
     engine_state = create_engine_state(accelerator, model, optimizer)
-    resumed = resume_run(recipe, out, state, engine_state, sources, accelerator)
+    resumed = resume_run(recipe, out, state, engine_state, tracks, accelerator)
     logger = create_logger(accelerator, out, recipe_to_dict(recipe), recipe.logging.wandb, recipe.name, resumed["records"],
                            state.num_updates)
     meter = IntervalMeter(recipe.logging.interval_steps, accelerator)
@@ -265,7 +254,7 @@ def train(recipe: Recipe) -> dict:
         in_epoch = stats["steps"] if stats else 0
         samples = base["samples"] + (in_epoch - base["steps"]) * batch * world if stats else 0
         position = {"epoch": epoch, "samples_in_epoch": samples, "step_in_epoch": in_epoch, "world_size": world}
-        own, shared = capture(state, engine_state, sources, position, stats, records)
+        own, shared = capture(state, engine_state, tracks, position, stats, records)
         extra = engine_state.save_engine_checkpoint if ckpt.engine_copy else None
         path = save_checkpoint(out / "checkpoints", checkpoint_tag(epoch, samples), own, accelerator.process_index,
                                world, ckpt.keep, position, shared=shared if accelerator.is_main_process else None,
@@ -289,14 +278,22 @@ def train(recipe: Recipe) -> dict:
         return False
 
     def evaluate_all(final: bool):
+        """The live model, then each started averager under the BN sources asked for: results and statistics
+        by track name and source."""
         wanted = recipe.eval.bn_sources
-        chosen = {n: s for n, s in sources.items() if final or wanted is None or n in wanted or n == NO_STATS}
+        averaged, stats = {}, {}
         with isolated_rng(device):  # training draws the same numbers whatever is evaluated here
             with harmonized_bn(bn_mode, live_bn):
                 live = evaluate_live()
-            if averager is not None and averager.started:
-                return live, *avg_eval.run(averager.avg.tensors(), chosen, loaders.val, recipe.model.num_classes)
-            return live, {}, {}
+            for t in tracks:
+                if t.averager.started:
+                    chosen = {n: s for n, s in t.sources.items() if final or wanted is None or n in wanted or n == NO_STATS}
+                    averaged[t.name], stats[t.name] = avg_eval.run(t.averager.avg.tensors(), chosen, loaders.val,
+                                                                   recipe.model.num_classes)
+        return live, averaged, stats
+
+    def flat(averaged: dict) -> dict:
+        return {result_key(name, source, many): r for name, rs in averaged.items() for source, r in rs.items()}
 
     best = BestExport(recipe.export.best, out, records) if recipe.export.best else None
 
@@ -306,7 +303,8 @@ def train(recipe: Recipe) -> dict:
             with harmonized_bn(bn_mode, live_bn):
                 state_dict = detached_state_dict(accelerator, model)
         else:
-            with view.swapped_in(averager.avg.tensors()), swapped(live_bn, bn_stats[best.source]):
+            track = next(t for t in tracks if best.name in (None, t.name))
+            with view.swapped_in(track.averager.avg.tensors()), swapped(live_bn, bn_stats[track.name][best.source]):
                 state_dict = detached_state_dict(accelerator, model)
         if logger is not None:
             save_state_dict(state_dict, out / "model_best.safetensors")
@@ -338,7 +336,7 @@ def train(recipe: Recipe) -> dict:
             ev, averaged, bn_stats = evaluate_all(final)
         else:
             ev, averaged = None, {}
-        record = epoch_record(epoch + 1, state.num_updates, stats, ev, averaged, lr, accelerator)
+        record = epoch_record(epoch + 1, state.num_updates, stats, ev, flat(averaged), lr, accelerator)
         records.append(record)
         if best is not None and best.improved(record):
             export_best(epoch + 1, bn_stats)
@@ -352,35 +350,31 @@ def train(recipe: Recipe) -> dict:
     if ev is None:  # resumed from a checkpoint taken at the very end
         ev, averaged, bn_stats = evaluate_all(final=True)
 
-    averaging = {}
-    if averager is not None:
-        averaging = {"strategy": recipe.averaging.strategy, "updates": averager.n, "start_step": averager.start_step,
-                     "update_ms": averager.timer.mean_ms(),
-                     "recompute_s": sum(avg_eval.recompute_seconds) / max(len(avg_eval.recompute_seconds), 1),
-                     "state_bytes_per_process": averager.avg.nbytes(),
-                     "comm_bytes_per_update": averager.comm.bytes / max(averager.n, 1),
-                     "export_stats": export_source if averaged else None, "bn": bn_report,
-                     "recompute_bn_sha256_per_rank": gather_digests(bn_stats.get("recompute", []))}
-    summary = build_summary(records, ev, averaged, averaging, accelerator, recipe, precision, recipe_hashes)
+    reports = {t.name: {**track_report(t, avg_eval.recompute_seconds, export_source, bn_report),
+                        "recompute_bn_sha256_per_rank": gather_digests(bn_stats.get(t.name, {}).get("recompute", []))}
+               for t in tracks}
+    summary = build_summary(records, ev, averaged, reports, many, accelerator, recipe, precision, recipe_hashes)
     summary["amp"] = {"overflow_steps": sum(r["amp/overflow_steps"] for r in records), "loss_scale": amp.loss_scale}
     # Exports gather on every process (ZeRO-3 consolidates onto the main one), which alone writes.
     with harmonized_bn(bn_mode, live_bn):
         online_state = detached_state_dict(accelerator, model)
     if logger is not None:
         save_state_dict(online_state, out / "model_online.safetensors")
-    if averaged:
-        with view.swapped_in(averager.avg.tensors()), swapped(live_bn, bn_stats[export_source]):
-            averaged_state = detached_state_dict(accelerator, model)
-        if logger is not None:
-            save_state_dict(averaged_state, out / "model_averaged.safetensors")
+    for t in tracks:
+        if t.name in averaged:
+            with view.swapped_in(t.averager.avg.tensors()), swapped(live_bn, bn_stats[t.name][export_source]):
+                averaged_state = detached_state_dict(accelerator, model)
+            if logger is not None:
+                save_state_dict(averaged_state, out / export_file(t.name, many))
     if logger is not None:
         summary["output_dir"] = str(out.resolve())
         summary["wandb"] = {"mode": logger.mode, "dir": logger.wandb_dir}
         if averaged:
-            print(format_table(ev, averaged, bn_report["why"]), flush=True)
+            print(format_table(ev, flat(averaged), bn_report["why"]), flush=True)
             logger.log_table("eval/comparison", ["model", "bn_stats", "top1", "top5", "loss", "seconds"],
                              [["online", "live", ev["top1"], ev["top5"], ev["loss"], ev["seconds"]]]
-                             + [["averaged", n, r["top1"], r["top5"], r["loss"], r["seconds"]] for n, r in averaged.items()])
+                             + [["averaged" if not many else f"averaged[{name}]", n, r["top1"], r["top5"], r["loss"],
+                                 r["seconds"]] for name, rs in averaged.items() for n, r in rs.items()])
         logger.finish(summary)
     accelerator.wait_for_everyone()
     return summary
