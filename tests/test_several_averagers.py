@@ -80,7 +80,8 @@ def test_a_list_of_averagers_is_validated_entry_by_entry():
     assert "averaging[0].strategy = 'none': every entry of the list averages" in errors(json.dumps([{"strategy": "none"}]))
     assert "averaging[0].name = 'recompute': letters, digits" in errors(json.dumps([{"name": "recompute", "strategy": "ema"}]))
     assert "averaging[0].strateg: unknown key; did you mean 'strategy'?" in errors(json.dumps([{"strateg": "ema"}]))
-    r = resolve_recipe(QUICKSTART, [f"averaging={json.dumps([SWA, EMA])}", "export.best=eval/averaged/ema_fast/recompute/top1"])
+    r = resolve_recipe(QUICKSTART, [f"averaging={json.dumps([SWA, EMA])}", "export.best=eval/averaged/ema_fast/recompute/top1",
+                                    "eval.bn_sources=[recompute]"])
     assert [a.strategy for a in r.averaging] == ["swa", "ema"]
     with pytest.raises(RecipeError) as err:
         resolve_recipe(QUICKSTART, [f"averaging={json.dumps([SWA, EMA])}", "export.best=eval/averaged/recompute/top1"])

@@ -245,7 +245,8 @@ def test_export_best_holds_the_best_epochs_averaged_weights_with_their_bn_statis
     out = tmp_path / "run"
     metric = "eval/averaged/recompute/top1"
     train_in_process(["model.name=test_resnet", "data.batch_size=32", "schedule.epochs=3", "schedule.warmup_epochs=0",
-                      "averaging.start_epoch=0", "bn.recompute_batches=4", f"export.best={metric}", f"output.dir={out}"])
+                      "averaging.start_epoch=0", "bn.recompute_batches=4", f"export.best={metric}",
+                      "eval.bn_sources=[recompute]", f"output.dir={out}"])
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     values = [r[metric] for r in records]
     chosen = json.loads((out / "model_best.json").read_text())

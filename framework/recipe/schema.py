@@ -178,8 +178,9 @@ class BNConfig:
 class EvalConfig:
     every_epochs: int = spec(1, ge=1, doc="evaluate after every N epochs, and always after the last")
     bn_sources: list[Literal[tuple(BN_SOURCES)]] | None = spec(
-        factory=lambda: ["recompute"], doc="BN sources the averaged weights are evaluated under after each epoch; "
-                                           "every source after the last one. null: every source every epoch")
+        factory=list, doc="BN sources the averaged weights are also evaluated under after each epoch (default none: "
+                          "each costs a recompute pass or an evaluation per averager); every source after the last "
+                          "epoch. null: every source every epoch")
 
 
 @dataclass(kw_only=True)
