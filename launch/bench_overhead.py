@@ -10,6 +10,7 @@ from start to exit. Prints every round and the ratio of the medians, averaged / 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import subprocess
@@ -42,6 +43,7 @@ def main() -> int:
     args = parser.parse_args()
     variants = {"plain": ['averaging={"strategy": "none"}'], "averaged": []}  # replaces a list of averagers too
     times: dict[str, list[float]] = {name: [] for name in variants}
+    costs: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="bench-overhead-") as tmp:
         for r in range(args.rounds):
             order = list(variants) if r % 2 == 0 else list(reversed(variants))
@@ -49,9 +51,27 @@ def main() -> int:
                 seconds = launch(args.recipe, [*args.overrides, *variants[name]], args.nproc, Path(tmp) / f"{name}-{r}")
                 times[name].append(seconds)
             print(f"round {r + 1}: " + ", ".join(f"{n} {times[n][-1]:.1f} s" for n in variants), flush=True)
+            summary = json.loads((Path(tmp) / f"averaged-{r}" / "summary.json").read_text())
+            costs.append(breakdown(summary))
     plain, averaged = statistics.median(times["plain"]), statistics.median(times["averaged"])
     print(f"median wall time: plain {plain:.1f} s, averaged {averaged:.1f} s; ratio averaged / plain {averaged / plain:.3f}")
+    print("where it goes (the averaged runs' summaries, medians): "
+          + "; ".join(f"{k} {statistics.median(c[k] for c in costs):.3g}" for k in costs[0]))
     return 0
+
+
+def breakdown(summary: dict) -> dict:
+    """What scales with training (averaging updates, as a share of the step) and what is paid per
+    evaluation of the averaged weights (recompute passes and evaluations, in seconds)."""
+    t, a = summary["throughput"], summary["averaging"]
+    step_ms = 1000 * t["step_time_s"]
+    update_ms = a.get("update_ms", 0.0)
+    nested = a.get("averagers", {"": a})
+    evals = summary["eval"]["averaged"] if "averagers" in summary else {"": summary["eval"]["averaged"]}
+    return {"averagers": len(nested), "update ms (all averagers)": update_ms, "step ms": step_ms,
+            "update share of a step %": 100 * update_ms / step_ms,
+            "recompute pass s": a.get("recompute_s", 0.0),
+            "evaluation s after the last epoch": sum(r["seconds"] for rs in evals.values() for r in rs.values())}
 
 
 if __name__ == "__main__":
