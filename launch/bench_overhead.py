@@ -37,10 +37,10 @@ def launch(recipe: str, overrides: list[str], nproc: int, out: Path) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("recipe")
-    parser.add_argument("overrides", nargs="*")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--nproc", type=int, default=2)
-    args = parser.parse_args()
+    args, overrides = parser.parse_known_args()  # key=value overrides, before or after the options
+    args.overrides = overrides
     variants = {"plain": ['averaging={"strategy": "none"}'], "averaged": []}  # replaces a list of averagers too
     times: dict[str, list[float]] = {name: [] for name in variants}
     costs: list[dict] = []
