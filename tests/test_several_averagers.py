@@ -86,3 +86,20 @@ def test_a_list_of_averagers_is_validated_entry_by_entry():
     with pytest.raises(RecipeError) as err:
         resolve_recipe(QUICKSTART, [f"averaging={json.dumps([SWA, EMA])}", "export.best=eval/averaged/recompute/top1"])
     assert "with several averagers name one: eval/averaged/<averager>/recompute/..." in "\n".join(err.value.errors)
+
+
+def test_an_override_names_one_averager_of_a_list():
+    recipe = ROOT / "recipes" / "several_averagers.yaml"
+    r = resolve_recipe(recipe, ["averaging.ema_999.ema.decay=0.995", "--averaging.swa.start=0.6",
+                                "averaging.ema_99={ema: {warmup: true}}"])  # a sweep agent's forms, and a whole section
+    assert [(a.start, a.ema.decay, a.ema.warmup) for a in r.averaging] == [(0.6, 0.999, False), (0.0, 0.99, True),
+                                                                            (0.0, 0.995, False)]
+    for override, message in (
+            ("averaging.ema.decay=0.9", "override averaging.ema.decay: averaging is a list of averagers (swa, ema_99, "
+                                        "ema_999); name one: averaging.<name>.ema.decay"),
+            ("averaging.ema_99.ema.decai=0.9", "override averaging.ema_99.ema.decai: unknown key; did you mean "
+                                               "'averaging.ema.decay'?"),
+            ("averaging.ema_99.ema.decay=1.5", "averaging[1].ema.decay = 1.5: must be < 1.0")):
+        with pytest.raises(RecipeError) as err:
+            resolve_recipe(recipe, [override])
+        assert message in str(err.value)

@@ -18,6 +18,7 @@ from conftest import ROOT, check_ok, clean_env, free_port, read_summary
 
 from framework.recipe.resolve import resolve_recipe
 from framework.reporting.wandb_file import find_run_files, read_run
+from framework.training.best import check_best
 
 SWEEPS = sorted((ROOT / "launch" / "sweeps").glob("*.yaml"))
 
@@ -53,8 +54,10 @@ def test_sweep_files_name_real_keys_and_valid_recipes(path):
     from wandb.sdk.launch.sweeps import utils as sweep_utils
 
     for form in ("args", "args_no_hyphens"):  # both forms resolve against the recipe schema
-        resolve_recipe(ROOT / recipe, sweep_utils.create_sweep_command_args({"args": args})[form])
-    assert sweep["metric"]["name"].startswith("eval/")
+        r = resolve_recipe(ROOT / recipe, sweep_utils.create_sweep_command_args({"args": args})[form])
+    errors = []  # the metric is one the run reports (after the last epoch every BN source is evaluated)
+    check_best(sweep["metric"]["name"], r.averaging, None, errors)
+    assert not errors, errors
 
 
 @pytest.mark.slow

@@ -56,20 +56,44 @@ def load_raw(path: Path, _chain: tuple[Path, ...] = ()) -> dict:
     return _merge(load_raw(path.parent / base, (*_chain, path)), data)
 
 
+def _route(data: dict, key: str) -> tuple[str, list]:
+    """An override's schema key and its path through the recipe. A list of named sections (an `averaging`
+    list) is entered by an entry's name: `averaging.<name>.ema.decay`, the key a sweep can set."""
+    parts, schema, route, node = key.split("."), [], [], data
+    i = 0
+    while i < len(parts):
+        schema.append(parts[i])
+        route.append(parts[i])
+        node = node.get(parts[i]) if isinstance(node, dict) else None
+        if isinstance(node, list) and i < len(parts) - 1:
+            # as schema.averager_name: an entry's name, else its strategy
+            names = [e.get("name") or e.get("strategy", "none") if isinstance(e, dict) else None for e in node]
+            where = ".".join(parts[:i + 1])
+            if parts[i + 1] not in names:
+                rest = ".".join(parts[i + 1:])
+                raise RecipeError(f"override {show(key)}: {where} is a list of averagers "
+                                  f"({', '.join(map(str, names))}); name one: {where}.<name>.{rest}")
+            route.append(names.index(parts[i + 1]))
+            node = node[route[-1]]
+            i += 1
+        i += 1
+    return ".".join(schema), route
+
+
 def apply_override(data: dict, key: str, value) -> None:
+    schema_key, route = _route(data, key)
     valid = field_paths(Recipe)
-    if key not in valid and not any(key.startswith(m + ".") for m in open_mappings(Recipe)):
-        raise RecipeError(f"override {show(key)}: unknown key{suggest(key, valid)}")
+    if schema_key not in valid and not any(schema_key.startswith(m + ".") for m in open_mappings(Recipe)):
+        raise RecipeError(f"override {show(key)}: unknown key{suggest(schema_key, valid)}")
     node = data
-    parts = key.split(".")
-    for part in parts[:-1]:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
+    for part, after in zip(route[:-1], route[1:], strict=True):
+        child = node[part] if isinstance(part, int) else node.setdefault(part, {})
+        if not isinstance(child, list if isinstance(after, int) else dict):
             raise RecipeError(f"override {show(key)}: {part!r} is {child!r}, not a section")
         node = child
-    existing = node.get(parts[-1])
+    existing = node[route[-1]] if isinstance(route[-1], int) else node.get(route[-1])
     # a section given whole (a wandb agent's nested parameter) updates the recipe's section
-    node[parts[-1]] = _merge(existing, value) if isinstance(value, dict) and isinstance(existing, dict) else value
+    node[route[-1]] = _merge(existing, value) if isinstance(value, dict) and isinstance(existing, dict) else value
 
 
 def _check_semantics(r: Recipe, errors: list[str]) -> None:
