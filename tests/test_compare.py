@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 from conftest import ROOT, check_ok, clean_env, launch, read_summary
 
 from framework.reporting.wandb_file import find_run_files
@@ -81,3 +82,29 @@ def test_a_tiny_cell_of_the_fashion_mnist_grid_runs_resumes_and_keeps_the_digits
     assert text.count("<!-- grid:fashion_mnist -->") == 1 and "## Measured on Fashion-MNIST" in text
     assert (page.parent / "results" / "fashion_mnist" / "top1_per_epoch.png").is_file()
 
+
+
+def test_the_grid_together_runs_swa_and_ema_as_two_averagers_of_one_run(tmp_path):
+    """`--together`: one launch per cell gives the SWA and the EMA row (an `averaging.name` column), each
+    averager sized by its name (averaging.<name>.<key>), in its own section of the page."""
+    from framework.data.fashion_mnist import missing_files
+
+    if missing_files(None):
+        pytest.skip("Fashion-MNIST not installed (apt-get install dataset-fashion-mnist; .ci/run does it)")
+    page = tmp_path / "docs" / "RESULTS.md"
+    cmd = [sys.executable, str(ROOT / "launch" / "run_grid.py"), "--dataset", "fashion_mnist", "--together", "--seeds", "0",
+           "--limit", "1", "--out", str(tmp_path / "grid"), "--page", str(page), "--set", "data.train_subset=512",
+           "schedule.epochs=2", "schedule.warmup_epochs=0", "bn.recompute_batches=4"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=clean_env(), capture_output=True, text=True, timeout=600)
+    check_ok(proc)
+    assert "together-local-b8-seed0: done in" in proc.stdout, proc.stdout[-2000:]
+    run = tmp_path / "grid" / "together-local-b8-seed0"
+    s = read_summary(run)
+    assert s["averagers"] == ["swa", "ema"] and all(s["eval"]["averaged"][n]["recompute"]["top1"] > 30.0 for n in s["averagers"])
+    swa, ema = yaml.safe_load((run / "recipe.yaml").read_text())["averaging"]
+    assert swa["swa"]["lr"] == pytest.approx(0.0025) and ema["ema"]["decay"] == pytest.approx(0.99875)  # batch 8 of 64
+    text = page.read_text()
+    assert text.count("<!-- grid:fashion_mnist-together -->") == 1 and "SWA and EMA in one run" in text
+    header, _, *rows = (page.parent / "results" / "fashion_mnist-together" / "compare.md").read_text().splitlines()
+    names = [c.strip() for c in header.strip("|").split("|")].index("averaging.name")
+    assert sorted(r.strip("|").split("|")[names].strip() for r in rows) == ["ema", "swa"]
