@@ -228,3 +228,19 @@ def test_a_full_disk_ends_the_run_with_one_line_and_keeps_the_last_checkpoint(sm
     assert "No space left on device" in lines[0] and f"newest intact checkpoint: {first}" in lines[0]
     assert [p.name for p in (out / "checkpoints").iterdir()] == [first.name]  # no partial folder left
     assert check_checkpoint(first) is None
+
+
+def test_a_checkpoint_by_averager_name_is_told_from_the_unnamed_one_by_shape_not_by_a_name():
+    """Before several averagers, a checkpoint held one averager's state unnamed; an averager named `n` (the
+    state's count key) must not be taken for it."""
+    from types import SimpleNamespace
+
+    from framework.checkpoint.resume import by_track
+
+    state = {"n": 7, "rule": {}, "tensors": {"t0": torch.ones(2)}}
+    named = {"averager": {"n": state, "ema": state}, "sources": {"n": {"initial": {}}, "ema": {}}}
+    tracks = [SimpleNamespace(name="n"), SimpleNamespace(name="ema")]
+    assert by_track(dict(named), tracks) == named
+    legacy = by_track({"averager": state, "sources": {"initial": {}}}, [SimpleNamespace(name="swa")])
+    assert legacy == {"averager": {"swa": state}, "sources": {"swa": {"initial": {}}}}
+    assert by_track({"averager": None, "sources": {}}, []) == {"averager": {}, "sources": {}}

@@ -41,6 +41,8 @@ def test_each_averager_of_a_list_is_the_run_it_would_be_alone_and_resumes_exactl
     reports = s["averaging"]["averagers"]
     assert s["averaging"]["state_bytes_per_process"] == 2 * reports["swa"]["state_bytes_per_process"]
     assert (reports["swa"]["updates"], reports["ema_fast"]["updates"]) == (45, 88)  # 44 updates per epoch, from 44 and 1
+    passes = [reports[n]["recompute_s"] for n in ("swa", "ema_fast")]  # each averager times its own pass
+    assert min(passes) > 0 and s["averaging"]["recompute_s"] == pytest.approx(sum(passes))
     record = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     assert {"eval/averaged/swa/recompute/top1", "eval/averaged/ema_fast/initial/top1"} <= set(record)
     for entry, name in ((SWA, "swa"), (EMA, "ema_fast")):

@@ -41,8 +41,10 @@ def capture(state, engine_state, tracks: list, position: dict, epoch_stats: dict
 
 def by_track(saved: dict, tracks: list) -> dict:
     """A checkpoint written before several averagers existed holds one averager's state and sources
-    unnamed: they belong to the one track."""
-    if saved.get("averager") is None or "n" in saved["averager"]:
+    unnamed: they belong to the one track. Told apart by shape, not by a key an averager's name could
+    equal: by name, every value is an averager's state (a dict); unnamed, the state's count `n` is not."""
+    averager = saved.get("averager")
+    if averager is None or not all(isinstance(state, dict) for state in averager.values()):
         saved["averager"] = {tracks[0].name: saved["averager"]} if tracks and saved.get("averager") else {}
         saved["sources"] = {tracks[0].name: saved["sources"]} if tracks else {}
     return saved

@@ -69,7 +69,7 @@ def build_summary(records: list[dict], ev: dict, averaged: dict, reports: dict, 
     if many:
         averaging = {"averagers": reports, **{k: sum(r[k] for r in reports.values()) for k in (
             "update_ms", "state_bytes_per_process", "comm_bytes_per_update")},
-            "recompute_s": max((r["recompute_s"] for r in reports.values()), default=0.0)}
+            "recompute_s": sum(r["recompute_s"] for r in reports.values())}  # a pass per averager
         evaluated = {name: _results(rs) for name, rs in averaged.items()}
     else:
         averaging = next(iter(reports.values()), {})

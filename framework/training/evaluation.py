@@ -95,7 +95,8 @@ class AveragedEval:
     device: torch.device
     autocast: object
     dtype: torch.dtype
-    recompute_seconds: list[float] = field(default_factory=list)
+    recompute_seconds: dict[str, list[float]] = field(default_factory=dict)  # per averager: each pass's seconds
+    _track: str = ""  # the averager being evaluated, whose passes `recompute` times
 
     def recompute(self) -> list[torch.Tensor]:
         """Fresh statistics for the weights now in `module`; live buffers and RNG streams are left as they were."""
@@ -103,12 +104,13 @@ class AveragedEval:
         with swapped(self.live_bn, clone_all(self.live_bn)), isolated_rng(self.device):
             recompute_bn_stats(self.module, self.recompute_inputs(), self.recompute_batches, self.device, self.autocast, self.dtype)
             stats = clone_all(self.live_bn)
-        self.recompute_seconds.append(time.perf_counter() - start)
+        self.recompute_seconds.setdefault(self._track, []).append(time.perf_counter() - start)
         return stats
 
-    def run(self, averaged: list[torch.Tensor], sources: dict, val_loader, num_classes: int):
-        """Evaluate the averaged weights with each of `sources`' statistics. Returns (results, stats per source)."""
+    def run(self, track: str, averaged: list[torch.Tensor], sources: dict, val_loader, num_classes: int):
+        """Evaluate averager `track`'s weights with each of `sources`' statistics. Returns (results, stats per source)."""
         results, stats_by_source = {}, {}
+        self._track = track
         with self.view.swapped_in(averaged):
             for name, source in sources.items():
                 start = time.perf_counter()

@@ -288,7 +288,7 @@ def train(recipe: Recipe) -> dict:
             for t in tracks:
                 if t.averager.started:
                     chosen = {n: s for n, s in t.sources.items() if final or wanted is None or n in wanted or n == NO_STATS}
-                    averaged[t.name], stats[t.name] = avg_eval.run(t.averager.avg.tensors(), chosen, loaders.val,
+                    averaged[t.name], stats[t.name] = avg_eval.run(t.name, t.averager.avg.tensors(), chosen, loaders.val,
                                                                    recipe.model.num_classes)
         return live, averaged, stats
 
@@ -350,7 +350,7 @@ def train(recipe: Recipe) -> dict:
     if ev is None:  # resumed from a checkpoint taken at the very end
         ev, averaged, bn_stats = evaluate_all(final=True)
 
-    reports = {t.name: {**track_report(t, avg_eval.recompute_seconds, export_source, bn_report),
+    reports = {t.name: {**track_report(t, avg_eval.recompute_seconds.get(t.name, []), export_source, bn_report),
                         "recompute_bn_sha256_per_rank": gather_digests(bn_stats.get(t.name, {}).get("recompute", []))}
                for t in tracks}
     summary = build_summary(records, ev, averaged, reports, many, accelerator, recipe, precision, recipe_hashes)
