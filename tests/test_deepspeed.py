@@ -130,14 +130,24 @@ def test_zero2_accumulates_updates_as_ddp_does(tmp_path):
 
 def test_zero3_runs_several_averagers_each_shard_local(runs, tmp_path):
     """SWA (as in the single run) and an EMA beside it under ZeRO-3: each keeps 1/N of its fp32 copy per
-    process and sends nothing; the SWA copy is the single run's, bit for bit (the EMA sets no rate)."""
+    process and sends nothing; the SWA copy is the single run's, bit for bit (the EMA sets no rate). Its
+    last checkpoint, resumed by one process, re-cuts each averager's partitions by name: both exports
+    hold the two-process run's averaged weights bit for bit."""
     import json
 
     swa = {"strategy": "swa", "start": 0.4, "swa": {"lr": 0.02, "anneal_epochs": 1}}
     ema = {"strategy": "ema", "start": 0.4, "ema": {"decay": 0.9}}
+    args = [*ARGS, *BACKENDS["zero3"], f"averaging={json.dumps([swa, ema])}", "checkpoint.every=1"]
     out = tmp_path / "run"
-    check_ok(launch([*ARGS, *BACKENDS["zero3"], f"averaging={json.dumps([swa, ema])}", f"output.dir={out}"], nproc=2,
-                    cwd=tmp_path))
+    check_ok(launch([*args, f"output.dir={out}"], nproc=2, cwd=tmp_path))
+    one, last = tmp_path / "one", sorted((out / "checkpoints").glob("epoch-*"))[-1]  # the end of training
+    proc = launch([*args, f"output.dir={one}", f"resume={last}"], nproc=1, cwd=tmp_path)
+    check_ok(proc)
+    assert "world size 1 (was 2): weights and optimizer re-cut" in proc.stdout, proc.stdout[-2000:]
+    for name in ("swa", "ema"):
+        a, b = load_file(out / f"model_averaged-{name}.safetensors"), load_file(one / f"model_averaged-{name}.safetensors")
+        weights = [k for k in a if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))]  # BN: a new pass
+        assert a.keys() == b.keys() and weights and all(torch.equal(a[k], b[k]) for k in weights), name
     both, single = read_summary(out), read_summary(runs["zero3"])
     one = single["averaging"]["state_bytes_per_process"]
     assert both["averaging"]["averagers"]["swa"]["state_bytes_per_process"] == one
