@@ -70,8 +70,8 @@ def breakdown(summary: dict) -> dict:
     evals = summary["eval"]["averaged"] if "averagers" in summary else {"": summary["eval"]["averaged"]}
     return {"averagers": len(nested), "update ms (all averagers)": update_ms, "step ms": step_ms,
             "update share of a step %": 100 * update_ms / step_ms,
-            "recompute pass s": a.get("recompute_s", 0.0),
-            "evaluation s after the last epoch": sum(r["seconds"] for rs in evals.values() for r in rs.values())}
+            "recompute passes s (one per averager)": a.get("recompute_s", 0.0),
+            "evaluation s after the last epoch (passes included)": sum(r["seconds"] for rs in evals.values() for r in rs.values())}
 
 
 if __name__ == "__main__":

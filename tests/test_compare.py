@@ -108,3 +108,11 @@ def test_the_grid_together_runs_swa_and_ema_as_two_averagers_of_one_run(tmp_path
     header, _, *rows = (page.parent / "results" / "fashion_mnist-together" / "compare.md").read_text().splitlines()
     names = [c.strip() for c in header.strip("|").split("|")].index("averaging.name")
     assert sorted(r.strip("|").split("|")[names].strip() for r in rows) == ["ema", "swa"]
+
+
+def test_a_plot_label_names_the_averager_instead_of_its_options():
+    from framework.reporting.compare import _label
+
+    keys = ["averaging.ema.decay", "averaging.name", "averaging.strategy", "bn.mode"]
+    assert _label(keys, ("0.99", "ema", "ema", "sync")) == "name=ema, mode=sync"
+    assert _label(keys, ("-", "None", "swa", "local")) == "decay=-, name=None, strategy=swa, mode=local"  # a single run

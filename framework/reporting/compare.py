@@ -122,7 +122,10 @@ def markdown_table(keys: list[str], metric_names: list[str], rows: list[dict]) -
 
 
 def _label(keys: list[str], key: tuple) -> str:
-    return ", ".join(f"{k.split('.')[-1]}={v}" for k, v in zip(keys, key, strict=True)) or "run"
+    pairs = dict(zip(keys, key, strict=True))
+    if pairs.get("averaging.name", "None") != "None":  # an averager's name stands for its options
+        pairs = {k: v for k, v in pairs.items() if not k.startswith("averaging.") or k == "averaging.name"}
+    return ", ".join(f"{k.split('.')[-1]}={v}" for k, v in pairs.items()) or "run"
 
 
 def plot(keys: list[str], rows: list[dict], out: Path) -> list[Path]:
