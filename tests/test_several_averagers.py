@@ -100,7 +100,8 @@ def test_an_override_names_one_averager_of_a_list():
             ("averaging.ema.decay=0.9", "override averaging.ema.decay: averaging is a list of averagers (swa, ema_99, "
                                         "ema_999); name one: averaging.<name>.ema.decay"),
             ("averaging.ema_99.ema.decai=0.9", "override averaging.ema_99.ema.decai: unknown key; did you mean "
-                                               "'averaging.ema.decay'?"),
+                                               "'averaging.ema_99.ema.decay'?"),
+            ("averaging.swa.lr=0.1", "override averaging.swa.lr: unknown key; did you mean 'averaging.swa.swa.lr'?"),
             ("averaging.ema_99.ema.decay=1.5", "averaging[1].ema.decay = 1.5: must be < 1.0")):
         with pytest.raises(RecipeError) as err:
             resolve_recipe(recipe, [override])

@@ -56,10 +56,11 @@ def load_raw(path: Path, _chain: tuple[Path, ...] = ()) -> dict:
     return _merge(load_raw(path.parent / base, (*_chain, path)), data)
 
 
-def _route(data: dict, key: str) -> tuple[str, list]:
-    """An override's schema key and its path through the recipe. A list of named sections (an `averaging`
-    list) is entered by an entry's name: `averaging.<name>.ema.decay`, the key a sweep can set."""
-    parts, schema, route, node = key.split("."), [], [], data
+def _route(data: dict, key: str) -> tuple[str, list, tuple[str, str] | None]:
+    """An override's schema key, its path through the recipe, and the (list, entry name) it entered. A
+    list of named sections (an `averaging` list) is entered by an entry's name: `averaging.<name>.ema.decay`,
+    the key a sweep can set."""
+    parts, schema, route, node, entered = key.split("."), [], [], data, None
     i = 0
     while i < len(parts):
         schema.append(parts[i])
@@ -74,17 +75,22 @@ def _route(data: dict, key: str) -> tuple[str, list]:
                 raise RecipeError(f"override {show(key)}: {where} is a list of averagers "
                                   f"({', '.join(map(str, names))}); name one: {where}.<name>.{rest}")
             route.append(names.index(parts[i + 1]))
+            entered = (where, parts[i + 1])
             node = node[route[-1]]
             i += 1
         i += 1
-    return ".".join(schema), route
+    return ".".join(schema), route, entered
 
 
 def apply_override(data: dict, key: str, value) -> None:
-    schema_key, route = _route(data, key)
+    schema_key, route, entered = _route(data, key)
     valid = field_paths(Recipe)
     if schema_key not in valid and not any(schema_key.startswith(m + ".") for m in open_mappings(Recipe)):
-        raise RecipeError(f"override {show(key)}: unknown key{suggest(schema_key, valid)}")
+        hint = suggest(schema_key, valid)
+        if entered is not None:  # suggest the key under the averager's name
+            where, name = entered
+            hint = hint.replace(f"'{where}.", f"'{where}.{name}.", 1)
+        raise RecipeError(f"override {show(key)}: unknown key{hint}")
     node = data
     for part, after in zip(route[:-1], route[1:], strict=True):
         child = node[part] if isinstance(part, int) else node.setdefault(part, {})
