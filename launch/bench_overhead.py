@@ -66,9 +66,9 @@ def breakdown(summary: dict) -> dict:
     t, a = summary["throughput"], summary["averaging"]
     step_ms = 1000 * t["step_time_s"]
     update_ms = a.get("update_ms", 0.0)
-    nested = a.get("averagers", {"": a})
-    evals = summary["eval"]["averaged"] if "averagers" in summary else {"": summary["eval"]["averaged"]}
-    return {"averagers": len(nested), "update ms (all averagers)": update_ms, "step ms": step_ms,
+    names = summary.get("averagers") or [""]  # one averager: results not nested by name
+    evals = summary["eval"]["averaged"] if summary.get("averagers") else {"": summary["eval"]["averaged"]}
+    return {"averagers": len(names), "update ms (all averagers)": update_ms, "step ms": step_ms,
             "update share of a step %": 100 * update_ms / step_ms,
             "recompute passes s (one per averager)": a.get("recompute_s", 0.0),
             "evaluation s after the last epoch (passes included)": sum(r["seconds"] for rs in evals.values() for r in rs.values())}

@@ -169,14 +169,13 @@ def cells(dataset: str, seeds: list[int], nproc: int, extra: list[str], together
     """(run folder name, recipe, overrides) for every run of the grid."""
     grid = GRIDS[dataset]
     plans = [("together", AVERAGING["swa"], list(AVERAGING))] if together else [(s, r, [s]) for s, r in AVERAGING.items()]
+    listed = [averaging_list()] if together else []
     for prefix, recipe, strategies in plans:
-        listed = [averaging_list()] if together else []
+        at = {s: f"averaging.{s}." if together else "averaging." for s in strategies}  # averaging.<name>.<key> in a list
         for mode in BN_MODES:
             for batch in grid.batches:
                 lr = None if batch is None else grid.base_lr * batch * nproc / 64
                 sized = [] if batch is None else [f"data.batch_size={batch}", f"optimizer.lr={lr:g}"]
-                # averaging.<name>.<key> addresses one averager of a list
-                at = {s: f"averaging.{s}." if together else "averaging." for s in strategies}
                 if grid.swa_lr_ratio is not None and "swa" in strategies:
                     sized.append(f"{at['swa']}swa.lr={lr * grid.swa_lr_ratio:g}")
                 if grid.ema_decay is not None and "ema" in strategies:
