@@ -135,12 +135,14 @@ def create_train_transform(cfg: DataConfig, p: Pipeline):
     """timm's training transform with the recipe's `data.augment` (its flag names: auto_augment, re_prob, ...)."""
     from timm.data import create_transform
 
+    from framework.data.augment import make_policies_safe
+
     aug = cfg.augment
-    return create_transform(
+    return make_policies_safe(create_transform(
         cfg.image_size, is_training=True, scale=tuple(aug.scale), ratio=tuple(aug.ratio), hflip=aug.hflip,
         vflip=aug.vflip, color_jitter=aug.color_jitter, auto_augment=aug.auto_augment, re_prob=aug.re_prob,
         re_mode=aug.re_mode, re_count=aug.re_count, interpolation=p.interpolation, mean=p.mean, std=p.std,
-    )
+    ))
 
 
 def check_augment(cfg: DataConfig, errors: list[str]) -> None:
