@@ -1,12 +1,13 @@
 """`bnswa train RECIPE [overrides] [--num-processes N]` (or `python -m framework train ...`): check, then launch.
 `python -m framework validate RECIPE [overrides]`: print the resolved recipe or its errors.
-`python -m framework compare RUN_DIR... [--out DIR] [--wandb MODE]`: compare finished runs."""
+`python -m framework compare RUN_DIR... [--out DIR] [--wandb MODE]`: compare finished runs.
+`bnswa eval WEIGHTS_OR_FOLDER RECIPE [overrides] [--recompute-bn] [--num-processes N]`: evaluate saved weights."""
 
 from __future__ import annotations
 
 import sys
 
-COMMANDS = ("train", "validate", "compare")
+COMMANDS = ("train", "eval", "validate", "compare")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -19,6 +20,10 @@ def main(argv: list[str] | None = None) -> int:
         from framework.distributed.launcher import train_main
 
         return train_main(argv[1:])
+    if argv[0] == "eval":
+        from framework.training.evaluate_saved import eval_main
+
+        return eval_main(argv[1:])
     if argv[0] == "compare":
         from framework.reporting.compare import main as compare_main
 

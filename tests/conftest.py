@@ -89,8 +89,7 @@ def digits_root():
     return ensure_digits_folder()
 
 
-@pytest.fixture
-def train_in_process():
+def run_in_process(overrides: list[str], recipe: Path = ROOT / "recipes" / "quickstart.yaml") -> dict:
     """`train(resolve_recipe(RECIPE, overrides))` in this process (world size 1, no launcher): for the
     model matrix, where a 2-process launch per cell would cost minutes. Accelerate's process-wide state
     and the SIGTERM handler the run installs are put back afterwards."""
@@ -102,14 +101,15 @@ def train_in_process():
     from framework.training.loop import train
 
     handler = signal.getsignal(signal.SIGTERM)
+    try:
+        return train(resolve_recipe(recipe, ["logging.wandb.mode=disabled", "resume=never", *overrides]))
+    finally:
+        signal.signal(signal.SIGTERM, handler)
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+        PartialState._reset_state()
 
-    def run(overrides: list[str], recipe: Path = ROOT / "recipes" / "quickstart.yaml") -> dict:
-        try:
-            return train(resolve_recipe(recipe, ["logging.wandb.mode=disabled", "resume=never", *overrides]))
-        finally:
-            signal.signal(signal.SIGTERM, handler)
-            AcceleratorState._reset_state(True)
-            GradientState._reset_state()
-            PartialState._reset_state()
 
-    return run
+@pytest.fixture
+def train_in_process():
+    return run_in_process

@@ -14,7 +14,8 @@ import tempfile
 from pathlib import Path
 
 RUN_FILES = ("recipe.yaml", "metrics.jsonl", "summary.json", "model_online.safetensors", "model_averaged.safetensors",
-             "model_best.safetensors", "model_best.json", "checkpoints", "wandb", ".lock")
+             "model_best.safetensors", "model_best.json", "model_online", "model_averaged", "model_best", "checkpoints",
+             "wandb", ".lock")
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+=-]*$")  # what a sweep or a file stem gives, and nothing that climbs
 
 
@@ -28,7 +29,7 @@ def check_output_dir(out: Path, errors: list[str]) -> None:
     if out.exists() and not out.is_dir():
         errors.append(f"output.dir = {str(out)!r}: exists and is not a folder")
         return
-    named = [p.name for p in out.glob("model_averaged-*.safetensors")] if out.is_dir() else []  # several averagers
+    named = [p.name for p in out.glob("model_averaged-*")] if out.is_dir() else []  # several averagers
     for name in (*RUN_FILES, *named):
         path = out / name
         if path.is_symlink():

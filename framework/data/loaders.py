@@ -131,6 +131,14 @@ def resolve_pipeline(cfg: DataConfig, model, pretrained: bool, stats: tuple | No
     )
 
 
+def resolve_run_pipeline(cfg: DataConfig, model, in_chans: int, pretrained: bool) -> Pipeline:
+    """The run's normalisation and resizing: Fashion-MNIST brings its own mean and std."""
+    from framework.data import fashion_mnist
+
+    stats = (fashion_mnist.MEAN * in_chans, fashion_mnist.STD * in_chans) if cfg.source == "fashion_mnist" else None
+    return resolve_pipeline(cfg, model, pretrained, stats, in_chans)
+
+
 def create_train_transform(cfg: DataConfig, p: Pipeline):
     """timm's training transform with the recipe's `data.augment` (its flag names: auto_augment, re_prob, ...)."""
     from timm.data import create_transform
@@ -198,8 +206,7 @@ def create_datasets(cfg: DataConfig, model, num_classes: int, in_chans: int, see
 
     from framework.data import fashion_mnist
 
-    stats = (fashion_mnist.MEAN * in_chans, fashion_mnist.STD * in_chans) if cfg.source == "fashion_mnist" else None
-    p = resolve_pipeline(cfg, model, pretrained, stats, in_chans)
+    p = resolve_run_pipeline(cfg, model, in_chans, pretrained)
     eval_tf = create_transform(cfg.image_size, is_training=False, crop_pct=p.crop_pct, interpolation=p.interpolation,
                                mean=p.mean, std=p.std)
     train_tf = create_train_transform(cfg, p) if train_transform == "train" else eval_tf

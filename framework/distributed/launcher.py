@@ -74,7 +74,15 @@ def train_main(argv: list[str]) -> int:
     except OutputBusy as err:
         print_errors([str(err)])
         return USER_ERROR
+    return exec_launch("train.py", argv, num_processes)
+
+
+def exec_launch(entry: str, argv: list[str], num_processes: str | None) -> int:
+    """Become `accelerate launch ... launch/<entry> ARGV` (exec: signals reach the launcher directly)."""
     import torch
+
+    from framework.recipe.cli import USER_ERROR
+    from framework.recipe.errors import print_errors
 
     try:
         n, env = resolve_launch(num_processes, torch.cuda.device_count(), len(os.sched_getaffinity(0)), os.environ)
@@ -82,7 +90,7 @@ def train_main(argv: list[str]) -> int:
         print_errors([str(err)])
         return USER_ERROR
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "accelerate_config.yaml"),
-           "--num_processes", str(n), "--main_process_port", str(_free_port()), str(ROOT / "launch" / "train.py"), *argv]
+           "--num_processes", str(n), "--main_process_port", str(_free_port()), str(ROOT / "launch" / entry), *argv]
     sys.stdout.flush()
     os.execve(sys.executable, cmd, env)
     return 0  # not reached

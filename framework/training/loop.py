@@ -19,7 +19,7 @@ from framework.bn.sources import NO_STATS
 from framework.checkpoint.engine_state import create_engine_state
 from framework.checkpoint.resume import capture, resume_run
 from framework.checkpoint.store import checkpoint_tag, save_checkpoint
-from framework.data.loaders import create_datasets, create_loaders
+from framework.data.loaders import create_datasets, create_loaders, resolve_run_pipeline
 from framework.data.mixup import MixupStream, create_mixup
 from framework.data.sampling import seed_process_streams
 from framework.distributed.faults import StepControl
@@ -44,8 +44,9 @@ from framework.training.builders import (
     create_scheduler,
 )
 from framework.training.evaluation import AveragedEval, evaluate, harmonized_bn, isolated_rng
-from framework.training.export import detached_state_dict, save_state_dict
+from framework.training.export import detached_state_dict
 from framework.training.losses import CrossEntropy, create_loss
+from framework.training.model_folder import ModelExporter, Weights, hardware
 from framework.training.models import create_model
 from framework.training.speed import apply_speed_options
 
@@ -296,18 +297,24 @@ def train(recipe: Recipe) -> dict:
         return {result_key(name, source, many): r for name, rs in averaged.items() for source, r in rs.items()}
 
     best = BestExport(recipe.export.best, out, records) if recipe.export.best else None
+    pretrained = recipe.model.pretrained or recipe.model.pretrained_file is not None
+    exporter = ModelExporter(recipe, out, resolve_run_pipeline(recipe.data, module, recipe.model.in_chans, pretrained))
+    run_facts = {"world_size": world, "precision": precision, "hardware": hardware(accelerator)}
 
-    def export_best(epoch: int, bn_stats: dict) -> None:
+    def export_best(epoch: int, bn_stats: dict, record: dict) -> None:
         """Collective (ZeRO-3 gathers); the main process writes. The weights and BN statistics just evaluated."""
         if best.model == "online":
+            weights = Weights("best", results={"live": ev}, epoch=epoch)
             with harmonized_bn(bn_mode, live_bn):
                 state_dict = detached_state_dict(accelerator, model)
         else:
             track = next(t for t in tracks if best.name in (None, t.name))
+            weights = Weights("best", track.name, track.strategy, best.source, averaged[track.name], epoch)
             with view.swapped_in(track.averager.avg.tensors()), swapped(live_bn, bn_stats[track.name][best.source]):
                 state_dict = detached_state_dict(accelerator, model)
         if logger is not None:
-            save_state_dict(state_dict, out / "model_best.safetensors")
+            throughput = {k: record.get(f"throughput/{k}") for k in ("train_images_per_s", "train_images_per_s_per_process")}
+            exporter.save(state_dict, "model_best", weights, {**run_facts, "epochs": epoch, "throughput": throughput})
             best.written(epoch)
 
     for epoch in range(resumed["epoch"], recipe.schedule.epochs):
@@ -339,7 +346,7 @@ def train(recipe: Recipe) -> dict:
         record = epoch_record(epoch + 1, state.num_updates, stats, ev, flat(averaged), lr, accelerator)
         records.append(record)
         if best is not None and best.improved(record):
-            export_best(epoch + 1, bn_stats)
+            export_best(epoch + 1, bn_stats, record)
         scheduler.step(epoch + 1, record.get(recipe.schedule.plateau_metric))  # only plateau reads it (every epoch)
         state.adjust_lr()
         if logger is not None:
@@ -355,17 +362,19 @@ def train(recipe: Recipe) -> dict:
                for t in tracks}
     summary = build_summary(records, ev, averaged, reports, many, accelerator, recipe, precision, recipe_hashes)
     summary["amp"] = {"overflow_steps": sum(r["amp/overflow_steps"] for r in records), "loss_scale": amp.loss_scale}
+    summary["hardware"] = run_facts["hardware"]
     # Exports gather on every process (ZeRO-3 consolidates onto the main one), which alone writes.
     with harmonized_bn(bn_mode, live_bn):
         online_state = detached_state_dict(accelerator, model)
     if logger is not None:
-        save_state_dict(online_state, out / "model_online.safetensors")
+        exporter.save(online_state, "model_online", Weights("online", results={"live": ev}), summary)
     for t in tracks:
         if t.name in averaged:
             with view.swapped_in(t.averager.avg.tensors()), swapped(live_bn, bn_stats[t.name][export_source]):
                 averaged_state = detached_state_dict(accelerator, model)
             if logger is not None:
-                save_state_dict(averaged_state, out / export_file(t.name, many))
+                weights = Weights("averaged", t.name, t.strategy, export_source, averaged[t.name])
+                exporter.save(averaged_state, export_file(t.name, many).removesuffix(".safetensors"), weights, summary)
     if logger is not None:
         summary["output_dir"] = str(out.resolve())
         summary["wandb"] = {"mode": logger.mode, "dir": logger.wandb_dir}

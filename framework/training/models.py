@@ -19,7 +19,7 @@ def build_kwargs(cfg: ModelConfig) -> dict:
                 drop_path_rate=cfg.drop_path_rate, **cfg.kwargs)
 
 
-def _build(cfg: ModelConfig, image_size: int | None):
+def build_plain(cfg: ModelConfig, image_size: int | None):
     """The bare timm model, built for `image_size` where its constructor takes one (`img_size`)."""
     import timm
 
@@ -88,7 +88,7 @@ def load_matching(model: torch.nn.Module, path: Path) -> list[str]:
 
 def create_model(cfg: ModelConfig, image_size: int | None) -> tuple[torch.nn.Module, list[str]]:
     """The model with its weights, and lines for the main process to print about the weights."""
-    model = _build(cfg, image_size)
+    model = build_plain(cfg, image_size)
     set_bn(model, cfg.bn_momentum, cfg.bn_eps)
     weights = Path(cfg.pretrained_file) if cfg.pretrained_file else hf_cached_weights(model) if cfg.pretrained else None
     return model, load_matching(model, weights) if weights is not None else []
@@ -98,7 +98,7 @@ def _forward_fails(cfg: ModelConfig, size: int, model: torch.nn.Module | None = 
     """Why a meta-device forward at `size` fails, or None. `model`: one already built on meta for `size`."""
     try:
         with torch.device("meta"):
-            model = model if model is not None else _build(cfg, size)
+            model = model if model is not None else build_plain(cfg, size)
             model.eval()(torch.empty(2, cfg.in_chans, size, size))
     except Exception as err:  # any failure is the model refusing the size
         return f"{type(err).__name__}: {str(err).strip().splitlines()[0][:160] if str(err).strip() else ''}"
@@ -110,7 +110,7 @@ def check_model(cfg: ModelConfig, image_size: int, errors: list[str]) -> None:
     cannot take and pointless BN settings become errors naming the key."""
     try:
         with torch.device("meta"):
-            model = _build(cfg, image_size)
+            model = build_plain(cfg, image_size)
     except TypeError as err:
         bad = re.search(r"unexpected keyword argument '([^']+)'", str(err))
         if bad and bad.group(1) in cfg.kwargs:
