@@ -186,3 +186,26 @@ def test_class_folders_in_a_tar_per_split_train_as_the_folders_do(train_in_proce
     from_folders = train_in_process([*args, f"data.root={digits_root}", f"output.dir={tmp_path / 'folders'}"])
     assert from_tar["eval"]["online"]["images"] == from_folders["eval"]["online"]["images"] == 360
     assert from_tar["eval"]["online"]["top1"] == pytest.approx(from_folders["eval"]["online"]["top1"], abs=1e-9)
+
+
+def test_workers_auto_leaves_the_compute_threads_their_cores_and_loaders_keep_workers_and_prefetch(digits_root):
+    from framework.data.loaders import resolve_workers
+    from framework.recipe.errors import RecipeError
+    from framework.recipe.resolve import resolve_recipe
+
+    # (processes on the machine, cores, compute threads per process) -> workers per process
+    assert resolve_workers("auto", 1, 2, 2) == 0  # CPU: 2 threads take both cores (0 beat 1 and 2 here)
+    assert resolve_workers("auto", 2, 2, 1) == 0
+    assert resolve_workers("auto", 1, 16, 1) == 8  # one GPU: all but the step's thread, at most 8
+    assert resolve_workers("auto", 8, 64, 1) == 7
+    assert resolve_workers(3, 1, 2, 2) == 3  # a count is kept, 0 too
+    quickstart = "recipes/quickstart.yaml"
+    assert resolve_recipe(quickstart, []).data.workers == "auto"
+    with pytest.raises(RecipeError) as err:
+        resolve_recipe(quickstart, ["data.workers=many"])
+    assert str(err.value) == "data.workers = 'many': expected an integer or one of 'auto'"
+    cfg = DataConfig(batch_size=16, image_size=32, workers=2, prefetch_factor=3)
+    train_ds, val_ds = create_datasets(cfg, timm.create_model("test_resnet", num_classes=10), 10, 3, seed=0)
+    loaders = create_loaders(cfg, train_ds, val_ds, rank=0, world_size=1, seed=0, pin_memory=False)
+    for loader in (loaders.train, loaders.val):
+        assert (loader.num_workers, loader.persistent_workers, loader.prefetch_factor) == (2, True, 3)

@@ -97,6 +97,7 @@ class Loaders:
     val: DataLoader
     train_sampler: ShardSampler
     num_val_images: int
+    workers: int  # loader worker processes per training process (data.workers resolved)
 
 
 @dataclass(frozen=True)
@@ -237,21 +238,50 @@ def fixed_subset(dataset: Dataset, size: int | None) -> Dataset:
     return Subset(dataset, sorted(order.tolist()))
 
 
+MAX_AUTO_WORKERS = 8
+
+
+def resolve_workers(setting: int | str, local_processes: int, cores: int | None = None,
+                    compute_threads: int | None = None) -> int:
+    """`data.workers`: a count as given; `auto`: the cores this process's share of the machine leaves after its
+    own compute threads (at most 8). On a GPU the step needs one thread, so the rest of the share decodes and
+    augments; on a CPU, training's threads already take the share (OMP_NUM_THREADS = cores / processes), and
+    workers would only compete with them: measured on 2 cores, 0 workers beat 1 and 2 (README, Data)."""
+    if setting != "auto":
+        return int(setting)
+    cores = cores if cores is not None else len(os.sched_getaffinity(0))
+    if compute_threads is None:
+        compute_threads = 1 if torch.cuda.is_available() else torch.get_num_threads()
+    return max(0, min(MAX_AUTO_WORKERS, cores // max(1, local_processes) - compute_threads))
+
+
+def loader_options(cfg: DataConfig, workers: int, pin_memory: bool) -> dict:
+    """Worker count, persistent workers and prefetch depth for every loader of a run."""
+    more = dict(persistent_workers=True, prefetch_factor=cfg.prefetch_factor) if workers > 0 else {}
+    return dict(num_workers=workers, pin_memory=pin_memory, **more)
+
+
+def local_processes(world_size: int) -> int:
+    return int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+
+
 def create_plain_train_loader(cfg: DataConfig, dataset, rank: int, world_size: int, seed: int, pin_memory: bool) -> DataLoader:
     """Each process's shard of `dataset` (no augmentation to seed): the recompute pass's eval-transform inputs."""
     sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
-    return DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, drop_last=True, num_workers=cfg.workers,
-                      pin_memory=pin_memory)
+    workers = resolve_workers(cfg.workers, local_processes(world_size))
+    return DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
+                      **loader_options(cfg, workers, pin_memory))
 
 
 def create_loaders(cfg: DataConfig, train_ds, val_ds, rank: int, world_size: int, seed: int, pin_memory: bool) -> Loaders:
     train_sampler = ShardSampler(train_ds, num_replicas=world_size, rank=rank, seed=seed)
     padded = PaddedEval(val_ds, world_size)
     val_sampler = DistributedSampler(padded, num_replicas=world_size, rank=rank, shuffle=False)
-    common = dict(num_workers=cfg.workers, pin_memory=pin_memory, persistent_workers=cfg.workers > 0)
+    workers = resolve_workers(cfg.workers, local_processes(world_size))
+    common = loader_options(cfg, workers, pin_memory)
     g = torch.Generator().manual_seed(seed + rank)  # worker seeds: distinct per rank, fixed per run
     # In workers, each sample's augmentation is seeded by (seed, epoch, index): a resumed epoch repeats it exactly
     train = DataLoader(SeededAugmentation(train_ds, seed), batch_size=cfg.batch_size, sampler=EpochTagged(train_sampler),
                        drop_last=True, generator=g, **common)
     val = DataLoader(padded, batch_size=cfg.eval_batch_size, sampler=val_sampler, **common)
-    return Loaders(train=train, val=val, train_sampler=train_sampler, num_val_images=len(val_ds))
+    return Loaders(train=train, val=val, train_sampler=train_sampler, num_val_images=len(val_ds), workers=workers)

@@ -68,7 +68,9 @@ class DataConfig:
     image_size: int = spec(32, ge=8)
     batch_size: int = spec(64, ge=1, doc="per process")
     eval_batch_size: int = spec(256, ge=1, doc="per process")
-    workers: int = spec(0, ge=0)
+    workers: int | Literal["auto"] = spec("auto", ge=0, doc="loader worker processes per training process; auto: "
+                                          "the cores per process left after its compute threads, at most 8 (framework/data/loaders.py)")
+    prefetch_factor: int = spec(2, ge=1, doc="batches each worker loads ahead (with workers > 0)")
     synthetic_train_size: int = spec(2048, ge=1)
     synthetic_val_size: int = spec(512, ge=1)
     class_map: str | None = spec(None, doc="folder: file of class names, one per line (default: the training split's folders)")
@@ -299,12 +301,13 @@ def _convert(value: Any, tp, key: str, errors: list[str]) -> Any:
         if section is not None:  # a section, or a list of them: the value's shape picks
             return _convert(value, section if not isinstance(value, list) else next(
                 a for a in inner if typing.get_origin(a) is list), key, errors)
-        if len(inner) == 1:
+        for option in inner:  # the first type the value fits (`int | Literal["auto"]`)
             sub: list[str] = []
-            out = _convert(value, inner[0], key, sub)
-            if sub:
-                errors.append(f"{key} = {value!r}: expected {_type_name(tp)}")
-            return out
+            out = _convert(value, option, key, sub)
+            if not sub:
+                return out
+        errors.append(f"{key} = {value!r}: expected {_type_name(tp)}")
+        return value
     if origin is Literal:
         allowed = typing.get_args(tp)
         if value not in allowed or isinstance(value, bool):

@@ -362,7 +362,7 @@ def train(recipe: Recipe) -> dict:
                for t in tracks}
     summary = build_summary(records, ev, averaged, reports, many, accelerator, recipe, precision, recipe_hashes)
     summary["amp"] = {"overflow_steps": sum(r["amp/overflow_steps"] for r in records), "loss_scale": amp.loss_scale}
-    summary["hardware"] = run_facts["hardware"]
+    summary["hardware"], summary["data_workers"] = run_facts["hardware"], loaders.workers
     # Exports gather on every process (ZeRO-3 consolidates onto the main one), which alone writes.
     with harmonized_bn(bn_mode, live_bn):
         online_state = detached_state_dict(accelerator, model)
