@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 
 import pytest
@@ -166,26 +167,77 @@ def test_timm_dataset_names_that_cannot_keep_the_guarantees_are_refused_at_valid
 
     assert "data.dataset = 'wds/shards': an iterable dataset (wds/) has no index, so exact resume" in errors(
         "data.dataset=wds/shards")
-    assert "data.dataset = 'hfds/beans': Hugging Face datasets are not installed" in errors("data.dataset=hfds/beans")
     assert "data.dataset = 'cifar10': choices are torch/<name>" in errors("data.dataset=cifar10")
     assert f"data.root = '{tmp_path}': torch/cifar10 is not there (RuntimeError: Dataset not found" in errors(
         "data.dataset=torch/cifar10")
     assert "data.dataset = None: data.source = 'timm' needs a timm dataset name" in errors()
 
 
-def test_class_folders_in_a_tar_per_split_train_as_the_folders_do(train_in_process, tmp_path, digits_root):
-    """data.source = folder with train.tar and val.tar: the same images, classes and numbering as the folders."""
+def _write_hf_dataset(digits_root, target):
+    """The digits as a Hugging Face DatasetDict (the same PNG bytes, in the folder reader's order), saved both
+    with save_to_disk (`target/disk`) and as Parquet files per split (`target/parquet/<split>.parquet`)."""
+    import datasets
+
+    from framework.data.loaders import folder_class_map
+
+    classes = folder_class_map(digits_root, "train", None)
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=list(classes))})
+    splits = {}
+    for split in ("train", "val"):
+        samples = timm.data.create_dataset("", root=str(digits_root / split), class_map=classes).reader.samples
+        splits[split] = datasets.Dataset.from_dict(
+            {"image": [{"bytes": open(path, "rb").read(), "path": None} for path, _ in samples],
+             "label": [label for _, label in samples]}, features=features)
+        (target / "parquet").mkdir(parents=True, exist_ok=True)
+        splits[split].to_parquet(str(target / "parquet" / f"{split}.parquet"))
+    datasets.DatasetDict(splits).save_to_disk(str(target / "disk"))
+
+
+def test_tar_files_and_hugging_face_datasets_on_disk_train_as_the_folders_do(train_in_process, tmp_path, digits_root):
+    """The same images through `<split>.tar` files, a save_to_disk DatasetDict (`hfds/`) and Parquet files
+    (`hfds/`): map-style datasets with the folders' index, so every run is the folders' run bit for bit:
+    the same shards and augmentation, every validation image once, the same recompute pass."""
     import tarfile
 
     for split in ("train", "val"):
         with tarfile.open(tmp_path / f"{split}.tar", "w") as tar:
             tar.add(digits_root / split, arcname=".")
-    args = ["model.name=test_resnet", "data.source=folder", "schedule.epochs=1", "schedule.warmup_epochs=0",
-            "averaging.strategy=none"]
-    from_tar = train_in_process([*args, f"data.root={tmp_path}", f"output.dir={tmp_path / 'tar'}"])
-    from_folders = train_in_process([*args, f"data.root={digits_root}", f"output.dir={tmp_path / 'folders'}"])
-    assert from_tar["eval"]["online"]["images"] == from_folders["eval"]["online"]["images"] == 360
-    assert from_tar["eval"]["online"]["top1"] == pytest.approx(from_folders["eval"]["online"]["top1"], abs=1e-9)
+    _write_hf_dataset(digits_root, tmp_path / "hf")
+    args = ["model.name=test_resnet", "schedule.epochs=1", "schedule.warmup_epochs=0", "bn.recompute_batches=4"]
+    runs = {name: train_in_process([*args, *source, f"output.dir={tmp_path / name}"]) for name, source in {
+        "folders": ["data.source=folder", f"data.root={digits_root}"],
+        "tar": ["data.source=folder", f"data.root={tmp_path}"],
+        "hfds-disk": ["data.source=timm", f"data.root={tmp_path / 'hf'}", "data.dataset=hfds/disk"],
+        "hfds-parquet": ["data.source=timm", f"data.dataset=hfds/{tmp_path / 'hf' / 'parquet'}"],
+    }.items()}
+    reference = runs.pop("folders")
+    for name, s in runs.items():
+        assert s["eval"]["online"]["images"] == 360, name
+        assert s["eval"]["online"]["top1"] == reference["eval"]["online"]["top1"], name
+        assert s["eval"]["averaged"]["recompute"]["top1"] == reference["eval"]["averaged"]["recompute"]["top1"], name
+        losses = [json.loads(line)["train/loss"] for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        assert losses == [json.loads(line)["train/loss"] for line in (tmp_path / "folders" / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_hugging_face_dataset_that_is_not_on_disk_or_lacks_a_split_is_one_line(tmp_path, digits_root):
+    from conftest import ROOT
+
+    from framework.recipe.errors import RecipeError
+    from framework.recipe.resolve import resolve_recipe
+
+    _write_hf_dataset(digits_root, tmp_path)
+
+    def errors(*overrides) -> str:
+        with pytest.raises(RecipeError) as err:
+            resolve_recipe(ROOT / "recipes" / "quickstart.yaml", ["data.source=timm", f"data.root={tmp_path}", *overrides])
+        return "\n".join(err.value.errors)
+
+    assert "data.dataset = 'hfds/beans': no such local folder" in errors("data.dataset=hfds/beans")
+    assert "split 'test' is not in the saved DatasetDict (splits: train, val)" in errors("data.dataset=hfds/disk",
+                                                                                         "data.val_split=test")
+    assert "no save_to_disk DatasetDict and no Parquet files for split 'test'" in errors("data.dataset=hfds/parquet",
+                                                                                         "data.val_split=test")
+    assert "model.num_classes = 5: hfds/disk has 10 classes" in errors("data.dataset=hfds/disk", "model.num_classes=5")
 
 
 def test_workers_auto_leaves_the_compute_threads_their_cores_and_loaders_keep_workers_and_prefetch(digits_root):

@@ -12,8 +12,8 @@ same kind of batches on every process (bounded by `bn.recompute_batches`).
   ImageDataset; map-style, every guarantee holds).
 - `wds/`, `tfds/`, `hfids/`: iterable (streamed shards, no index), so none of the three can hold;
   refused at validation with that reason.
-- `hfds/`: map-style, but it needs Hugging Face `datasets`, which this install does not carry;
-  refused at validation until it is added and tested.
+- `hfds/PATH`: a Hugging Face `datasets` image dataset on local disk (a `save_to_disk` DatasetDict, or
+  Parquet files per split), read by framework/data/hf_datasets.py. Map-style: every guarantee holds.
 """
 
 from __future__ import annotations
@@ -21,6 +21,10 @@ from __future__ import annotations
 from framework.recipe.schema import DataConfig
 
 ITERABLE = ("wds", "tfds", "hfids")
+
+
+def is_hfds(name: str | None) -> bool:
+    return name is not None and name.lower().startswith("hfds/")
 
 
 class ToMode:
@@ -35,6 +39,11 @@ class ToMode:
 
 def create_timm_dataset(cfg: DataConfig, split: str, transform, in_chans: int):
     from timm.data import create_dataset
+
+    if is_hfds(cfg.dataset):
+        from framework.data.hf_datasets import create_hf_dataset
+
+        return create_hf_dataset(cfg, split, transform, in_chans)
 
     return create_dataset(cfg.dataset, root=cfg.root, split=split, is_training=False, download=False,
                           transform=ToMode("L" if in_chans == 1 else "RGB", transform))
@@ -53,11 +62,13 @@ def check_timm_dataset(cfg: DataConfig, num_classes: int, errors: list[str]) -> 
                       "use torch/<name>, or data.source = 'folder' (class folders or <split>.tar files)")
         return
     if prefix == "hfds":
-        errors.append(f"data.dataset = {name!r}: Hugging Face datasets are not installed or tested here yet; use "
-                      "torch/<name>, or data.source = 'folder'")
+        from framework.data.hf_datasets import check_hf_dataset
+
+        check_hf_dataset(cfg, num_classes, errors)
         return
     if prefix != "torch":
-        errors.append(f"data.dataset = {name!r}: choices are torch/<name> (torchvision's datasets on local files); "
+        errors.append(f"data.dataset = {name!r}: choices are torch/<name> (torchvision's datasets on local files), "
+                      "hfds/<local path> (Hugging Face datasets saved to disk or as Parquet); "
                       "for image folders or tar files use data.source = 'folder'")
         return
     if cfg.root is None:
