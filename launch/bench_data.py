@@ -110,6 +110,36 @@ def compare(name: str, ours, theirs, rounds: int) -> float:
     return ratio
 
 
+def measure_startup(root: Path, files: int) -> None:
+    """What a run on a folder of `files` tiny PNGs pays before its first batch: validation (the class scan
+    and checks of the front door) and building the datasets (timm's file scan), in a warm process."""
+    import numpy as np
+    import timm
+    from PIL import Image
+
+    from framework.data.loaders import create_datasets
+    from framework.recipe.resolve import resolve_recipe
+
+    rng = np.random.default_rng(0)
+    for split, count in (("train", files), ("val", files // 10)):
+        if (root / split).is_dir():
+            continue
+        for i in range(count):
+            folder = root / split / f"c{i % 10}"
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(folder / f"{i:06d}.png")
+    args = ["data.source=folder", f"data.root={root}", "model.name=test_resnet"]
+    quickstart = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"
+    resolve_recipe(quickstart, ["model.name=test_resnet"])  # imports and first model build, paid by any run
+    start = time.perf_counter()
+    recipe = resolve_recipe(quickstart, args)
+    validated = time.perf_counter() - start
+    start = time.perf_counter()
+    train, val = create_datasets(recipe.data, timm.create_model("test_resnet", num_classes=10), 10, 3, 0)
+    built = time.perf_counter() - start
+    print(f"startup on {len(train) + len(val)} files: validation {validated:.2f} s, datasets {built:.2f} s", flush=True)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=1000)
@@ -121,6 +151,7 @@ def main() -> int:
     parser.add_argument("--aa", default="rand-m9-mstd0.5")
     parser.add_argument("--reprob", type=float, default=0.25)
     parser.add_argument("--root", help="where the JPEGs go (default: a temporary folder)")
+    parser.add_argument("--startup-files", type=int, default=30000, help="tiny PNGs for the start-up measure (0: skip)")
     args = parser.parse_args()
     import torch
 
@@ -137,6 +168,8 @@ def main() -> int:
     compare("folder: decode alone", our_loader(root / "train", args, True), timm_loader(root / "train", args, True),
             args.rounds)
     print("ratio framework / timm (full transform): " + ", ".join(f"{k} {v:.3f}" for k, v in ratios.items()))
+    if args.startup_files:
+        measure_startup(root / "startup", args.startup_files)
     return 0
 
 
