@@ -47,6 +47,30 @@ def grep(text: str, pattern: str) -> str:
     return found.group(1) if found else "not found (see the output above)"
 
 
+def prefetcher_ratio(work: Path) -> str:
+    """`data.prefetcher` on and off: images/s of the same run on a JPEG folder (resnet50 at 224 px, RandAugment,
+    random erasing), where the CPU path's normalisation and float copies weigh."""
+    sys.path.insert(0, str(ROOT / "launch"))
+    from bench_data import write_jpeg_folder
+
+    data = write_jpeg_folder(work / "jpegs", 4000, (320, 280))
+    rates = {}
+    for on in (True, False):
+        out = work / f"run-{on}"
+        text = run([str(BIN / "python"), "-m", "framework", "train", "recipes/quickstart.yaml", "model.name=resnet50",
+                    "data.source=folder", f"data.root={data}", "data.image_size=224", "data.batch_size=128",
+                    "data.augment.auto_augment=rand-m9-mstd0.5-inc1", "data.augment.re_prob=0.25", "schedule.epochs=3",
+                    "backend.precision=bf16", "model.channels_last=true", f"data.prefetcher={on}",
+                    "logging.wandb.mode=disabled", f"output.dir={out}", "--num-processes", "1"])
+        summary = out / "summary.json"
+        if not summary.is_file():
+            return "did not run: " + text[-300:]
+        import json
+
+        rates[on] = json.loads(summary.read_text())["throughput"]["train_images_per_s"]
+    return f"{rates[True] / rates[False]:.3f} ({rates[True]:.0f} / {rates[False]:.0f} images/s)"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer benchmark rounds")
@@ -74,6 +98,7 @@ def main() -> int:
         out = run([*step, *extra])
         print(out[-1500:])
         rows.append((f"{label}: framework / hand-written (goal >= 0.97)", grep(out, r"hand-written: ([0-9.]+ \(median[^)]*\))")))
+    rows.append(("prefetcher on / off, JPEG folder, bnswa train (goal > 1)", prefetcher_ratio(Path(tempfile.mkdtemp()))))
     out = run([str(BIN / "python"), "launch/bench_averaging.py", "--device", "cuda", *rounds])
     print(out[-2000:])
     rows.append(("SWA update: ours / AveragedModel (goal <= 1)", grep(out, r"AveragedModel\s*: ([0-9.]+)")))

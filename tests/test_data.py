@@ -261,3 +261,31 @@ def test_workers_auto_leaves_the_compute_threads_their_cores_and_loaders_keep_wo
     loaders = create_loaders(cfg, train_ds, val_ds, rank=0, world_size=1, seed=0, pin_memory=False)
     for loader in (loaders.train, loaders.val):
         assert (loader.num_workers, loader.persistent_workers, loader.prefetch_factor) == (2, True, 3)
+
+
+def test_device_side_batches_equal_the_cpu_transform_and_are_erased_after_the_copy(digits_root):
+    """CUDA's prefetcher path (framework/data/device.py) run on the CPU device here; the GPU suite runs it on
+    CUDA. The loader hands over uint8 images; normalised after the copy they equal the CPU transform's
+    floats, and training batches are randomly erased after normalisation, each image in one rectangle."""
+    import torch
+
+    from framework.data.device import DeviceBatches, create_device_batches
+    from framework.data.loaders import resolve_run_pipeline
+
+    cfg = DataConfig(batch_size=16, image_size=32, workers=0, augment=AugmentConfig(re_prob=1.0))
+    model = timm.create_model("test_resnet", num_classes=10)
+    p = resolve_run_pipeline(cfg, model, 3, False)
+    wrap = create_device_batches(cfg, p.mean, p.std, torch.device("cpu"))
+    on_cpu = create_datasets(cfg, model, 10, 3, seed=0)
+    raw = create_datasets(cfg, model, 10, 3, seed=0, device_side=True)
+    a = next(iter(create_loaders(cfg, *on_cpu, rank=0, world_size=1, seed=0, pin_memory=False).val))
+    b = next(iter(create_loaders(cfg, *raw, rank=0, world_size=1, seed=0, pin_memory=False, on_device=wrap).val))
+    assert raw[1][0][0].dtype == torch.uint8 and b[0].dtype == torch.float32
+    assert torch.allclose(a[0], b[0], atol=1e-5) and torch.equal(a[1], b[1])
+    plain = create_loaders(cfg, *raw, rank=0, world_size=1, seed=0, pin_memory=False)
+    plain.train_sampler.set_epoch(0)
+    x, y = next(iter(plain.train))
+    clean = next(iter(DeviceBatches([(x, y)], torch.device("cpu"), p.mean, p.std)))[0]
+    erased = next(iter(wrap([(x, y)], True)))[0]
+    changed = (clean != erased).flatten(1).float().mean(1)
+    assert bool(((changed > 0) & (changed < 1)).all()), changed

@@ -118,3 +118,25 @@ def launch_script(script, cwd):
 
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script)],
                           cwd=cwd, env=clean_env(), capture_output=True, text=True, timeout=600)
+
+
+def test_the_prefetcher_path_trains_on_real_jpegs_like_the_cpu_path(tmp_path):
+    """data.prefetcher (uint8 batches, normalisation and random erasing on the device) against the CPU path on the
+    same JPEG folder: both train to the same bar; the prefetcher's batches are float on the device."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "launch"))
+    from bench_data import write_jpeg_folder
+
+    data = write_jpeg_folder(tmp_path / "jpegs", 600, (200, 180))
+    results = {}
+    for prefetcher in (True, False):
+        out = tmp_path / f"run-{prefetcher}"
+        check_ok(launch([QUICKSTART, "model.name=test_resnet", "data.source=folder", f"data.root={data}",
+                         "data.image_size=128", "data.augment.re_prob=0.25", "data.augment.auto_augment=rand-m9-mstd0.5-inc1",
+                         "schedule.epochs=3", f"data.prefetcher={prefetcher}", "logging.wandb.mode=disabled",
+                         f"output.dir={out}"], nproc=1, cwd=tmp_path))
+        results[prefetcher] = read_summary(out)
+    for s in results.values():
+        assert s["device"] == "cuda" and s["eval"]["online"]["images"] == 60
+        assert s["eval"]["averaged"]["recompute"]["top1"] >= 30.0  # 10 classes of colour fields: well above chance

@@ -37,8 +37,9 @@ def create_recompute_inputs(kind: str, train_loader, eval_loader, make_mixup: Ca
 
 
 def create_pass_inputs(recipe, module, train_loader, epoch: Callable[[], int], rank: int, world: int,
-                       pin_memory: bool) -> Callable[[], Iterable]:
-    """The recipe's choice, built: the eval-transform loader and the pass's Mixup streams as needed."""
+                       pin_memory: bool, on_device: Callable | None = None) -> Callable[[], Iterable]:
+    """The recipe's choice, built: the eval-transform loader and the pass's Mixup streams as needed.
+    `on_device(loader, train)`: with CUDA's prefetcher, how loaders' uint8 batches reach the device."""
     from framework.data.loaders import create_datasets, create_plain_train_loader
     from framework.data.mixup import create_mixup
 
@@ -46,8 +47,10 @@ def create_pass_inputs(recipe, module, train_loader, epoch: Callable[[], int], r
     eval_loader = None
     if kind == "eval":
         train_eval = create_datasets(recipe.data, module, m.num_classes, m.in_chans, recipe.seed,
-                                     pretrained=m.pretrained or m.pretrained_file is not None, train_transform="eval")[0]
+                                     pretrained=m.pretrained or m.pretrained_file is not None, train_transform="eval",
+                                     device_side=on_device is not None)[0]
         eval_loader = create_plain_train_loader(recipe.data, train_eval, rank, world, recipe.seed, pin_memory)
+        eval_loader = on_device(eval_loader, False) if on_device is not None else eval_loader
 
     def make_mixup():
         return create_mixup(recipe.mixup, recipe.loss, m.num_classes, recipe.seed + PASS_STREAM_OFFSET, rank)

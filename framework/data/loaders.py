@@ -93,7 +93,7 @@ class PaddedEval(Dataset):
 
 @dataclass
 class Loaders:
-    train: DataLoader
+    train: DataLoader  # or framework.data.device.DeviceBatches around it, with CUDA's prefetcher
     val: DataLoader
     train_sampler: ShardSampler
     num_val_images: int
@@ -140,8 +140,9 @@ def resolve_run_pipeline(cfg: DataConfig, model, in_chans: int, pretrained: bool
     return resolve_pipeline(cfg, model, pretrained, stats, in_chans)
 
 
-def create_train_transform(cfg: DataConfig, p: Pipeline):
-    """timm's training transform with the recipe's `data.augment` (its flag names: auto_augment, re_prob, ...)."""
+def create_train_transform(cfg: DataConfig, p: Pipeline, device_side: bool = False):
+    """timm's training transform with the recipe's `data.augment` (its flag names: auto_augment, re_prob, ...).
+    `device_side`: stop at a uint8 tensor; normalisation and erasing run on the device (framework/data/device.py)."""
     from timm.data import create_transform
 
     from framework.data.augment import make_policies_safe
@@ -151,6 +152,7 @@ def create_train_transform(cfg: DataConfig, p: Pipeline):
         cfg.image_size, is_training=True, scale=tuple(aug.scale), ratio=tuple(aug.ratio), hflip=aug.hflip,
         vflip=aug.vflip, color_jitter=aug.color_jitter, auto_augment=aug.auto_augment, re_prob=aug.re_prob,
         re_mode=aug.re_mode, re_count=aug.re_count, interpolation=p.interpolation, mean=p.mean, std=p.std,
+        use_prefetcher=device_side,
     ))
 
 
@@ -198,8 +200,9 @@ def folder_class_map(root: Path, train_split: str, class_map: str | None) -> dic
 
 
 def create_datasets(cfg: DataConfig, model, num_classes: int, in_chans: int, seed: int, pretrained: bool = False,
-                    train_transform: str = "train"):
-    """(train, val) datasets; `train_transform="eval"` gives the training images the evaluation transform."""
+                    train_transform: str = "train", device_side: bool = False):
+    """(train, val) datasets; `train_transform="eval"` gives the training images the evaluation transform;
+    `device_side`: images as uint8 tensors, normalised on the device (framework/data/device.py)."""
     if cfg.source == "synthetic":
         make = lambda n, s: SyntheticDataset(n, cfg.image_size, num_classes, in_chans, s)  # noqa: E731
         return make(cfg.synthetic_train_size, seed), make(cfg.synthetic_val_size, seed + 1)
@@ -209,8 +212,8 @@ def create_datasets(cfg: DataConfig, model, num_classes: int, in_chans: int, see
 
     p = resolve_run_pipeline(cfg, model, in_chans, pretrained)
     eval_tf = create_transform(cfg.image_size, is_training=False, crop_pct=p.crop_pct, interpolation=p.interpolation,
-                               mean=p.mean, std=p.std)
-    train_tf = create_train_transform(cfg, p) if train_transform == "train" else eval_tf
+                               mean=p.mean, std=p.std, use_prefetcher=device_side)
+    train_tf = create_train_transform(cfg, p, device_side) if train_transform == "train" else eval_tf
     if cfg.source == "fashion_mnist":
         train, val = fashion_mnist.create_fashion_mnist(cfg.root, default_cache_dir(), train_tf, eval_tf, in_chans)
         return fixed_subset(train, cfg.train_subset), val
@@ -273,7 +276,9 @@ def create_plain_train_loader(cfg: DataConfig, dataset, rank: int, world_size: i
                       **loader_options(cfg, workers, pin_memory))
 
 
-def create_loaders(cfg: DataConfig, train_ds, val_ds, rank: int, world_size: int, seed: int, pin_memory: bool) -> Loaders:
+def create_loaders(cfg: DataConfig, train_ds, val_ds, rank: int, world_size: int, seed: int, pin_memory: bool,
+                   on_device=None) -> Loaders:
+    """`on_device(loader, train)` (framework/data/device.py, with CUDA's prefetcher) wraps both loaders."""
     train_sampler = ShardSampler(train_ds, num_replicas=world_size, rank=rank, seed=seed)
     padded = PaddedEval(val_ds, world_size)
     val_sampler = DistributedSampler(padded, num_replicas=world_size, rank=rank, shuffle=False)
@@ -284,4 +289,6 @@ def create_loaders(cfg: DataConfig, train_ds, val_ds, rank: int, world_size: int
     train = DataLoader(SeededAugmentation(train_ds, seed), batch_size=cfg.batch_size, sampler=EpochTagged(train_sampler),
                        drop_last=True, generator=g, **common)
     val = DataLoader(padded, batch_size=cfg.eval_batch_size, sampler=val_sampler, **common)
+    if on_device is not None:
+        train, val = on_device(train, True), on_device(val, False)
     return Loaders(train=train, val=val, train_sampler=train_sampler, num_val_images=len(val_ds), workers=workers)

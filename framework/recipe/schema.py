@@ -71,6 +71,8 @@ class DataConfig:
     workers: int | Literal["auto"] = spec("auto", ge=0, doc="loader worker processes per training process; auto: "
                                           "the cores per process left after its compute threads, at most 8 (framework/data/loaders.py)")
     prefetch_factor: int = spec(2, ge=1, doc="batches each worker loads ahead (with workers > 0)")
+    prefetcher: bool = spec(True, doc="with CUDA, timm's prefetcher: uint8 batches in pinned memory, normalised and "
+                                      "randomly erased on the device (framework/data/device.py); no effect on CPU")
     synthetic_train_size: int = spec(2048, ge=1)
     synthetic_val_size: int = spec(512, ge=1)
     class_map: str | None = spec(None, doc="folder: file of class names, one per line (default: the training split's folders)")

@@ -98,7 +98,8 @@ def evaluate_saved(weights: str, recipe, recompute: bool) -> dict:
     from framework.bn import BN_MODES, bn_buffers
     from framework.bn.inputs import create_pass_inputs
     from framework.bn.recompute import recompute_bn_stats
-    from framework.data.loaders import create_datasets, create_loaders
+    from framework.data.device import create_device_batches
+    from framework.data.loaders import create_datasets, create_loaders, resolve_run_pipeline
     from framework.data.sampling import seed_process_streams
     from framework.training.amp import create_precision
     from framework.training.builders import create_accelerator
@@ -115,12 +116,15 @@ def evaluate_saved(weights: str, recipe, recompute: bool) -> dict:
     seed_process_streams(recipe.seed, rank)
     amp = create_precision(precision, None, device, 1.0, 1)
     num_classes, in_chans = model.num_classes, recipe.model.in_chans
-    train_ds, val_ds = create_datasets(recipe.data, model, num_classes, in_chans, recipe.seed, pretrained=from_folder)
-    loaders = create_loaders(recipe.data, train_ds, val_ds, rank, world, recipe.seed, pin_memory=cuda)
+    pipeline = resolve_run_pipeline(recipe.data, model, in_chans, from_folder)
+    on_device = create_device_batches(recipe.data, pipeline.mean, pipeline.std, device) if cuda and recipe.data.prefetcher else None
+    train_ds, val_ds = create_datasets(recipe.data, model, num_classes, in_chans, recipe.seed, pretrained=from_folder,
+                                       device_side=on_device is not None)
+    loaders = create_loaders(recipe.data, train_ds, val_ds, rank, world, recipe.seed, pin_memory=cuda, on_device=on_device)
     bn = "as saved"
     if recompute:
         loaders.train_sampler.set_epoch(0)
-        inputs = create_pass_inputs(recipe, model, loaders.train, lambda: 0, rank, world, cuda)
+        inputs = create_pass_inputs(recipe, model, loaders.train, lambda: 0, rank, world, cuda, on_device)
         used = recompute_bn_stats(model, inputs(), recipe.bn.recompute_batches, device, amp.autocast)
         bn = f"recomputed ({used} batches per process, {recipe.bn.recompute_inputs} inputs)"
     with harmonized_bn(bn_mode, bn_buffers(model)):

@@ -19,6 +19,7 @@ from framework.bn.sources import NO_STATS
 from framework.checkpoint.engine_state import create_engine_state
 from framework.checkpoint.resume import capture, resume_run
 from framework.checkpoint.store import checkpoint_tag, save_checkpoint
+from framework.data.device import create_device_batches
 from framework.data.loaders import create_datasets, create_loaders, resolve_run_pipeline
 from framework.data.mixup import MixupStream, create_mixup
 from framework.data.sampling import seed_process_streams
@@ -201,10 +202,13 @@ def train(recipe: Recipe) -> dict:
     m = recipe.model
     apply_speed_options(model, m.channels_last, m.grad_checkpointing, m.compile_mode if m.compile else None)
     seed_process_streams(recipe.seed, accelerator.process_index)  # identical weights above, own streams below
+    pretrained = recipe.model.pretrained or recipe.model.pretrained_file is not None
+    pipeline = resolve_run_pipeline(recipe.data, model, recipe.model.in_chans, pretrained)
+    on_device = create_device_batches(recipe.data, pipeline.mean, pipeline.std, device) if cuda and recipe.data.prefetcher else None
     train_ds, val_ds = create_datasets(recipe.data, model, recipe.model.num_classes, recipe.model.in_chans, recipe.seed,
-                                       pretrained=recipe.model.pretrained or recipe.model.pretrained_file is not None)
+                                       pretrained=pretrained, device_side=on_device is not None)
     loaders = create_loaders(recipe.data, train_ds, val_ds, accelerator.process_index, accelerator.num_processes,
-                             recipe.seed, pin_memory=cuda)
+                             recipe.seed, pin_memory=cuda, on_device=on_device)
     if len(loaders.train) == 0:
         raise SystemExit(f"data.batch_size = {recipe.data.batch_size}: larger than this process's shard "
                          f"({len(loaders.train_sampler)} images); lower it or use fewer processes")
@@ -228,7 +232,7 @@ def train(recipe: Recipe) -> dict:
                        mixup=create_mixup(recipe.mixup, recipe.loss, recipe.model.num_classes, recipe.seed,
                                           accelerator.process_index))
     pass_inputs = create_pass_inputs(recipe, module, loaders.train, lambda: state.epoch, accelerator.process_index,
-                                     accelerator.num_processes, cuda)
+                                     accelerator.num_processes, cuda, on_device)
     avg_eval = AveragedEval(module, view, live_bn, bn_mode, pass_inputs, recipe.bn.recompute_batches, device,
                             amp.autocast, dtype)
     evaluate_live = lambda: evaluate(module, loaders.val, device, recipe.model.num_classes, amp.autocast, dtype)  # noqa: E731
@@ -297,8 +301,7 @@ def train(recipe: Recipe) -> dict:
         return {result_key(name, source, many): r for name, rs in averaged.items() for source, r in rs.items()}
 
     best = BestExport(recipe.export.best, out, records) if recipe.export.best else None
-    pretrained = recipe.model.pretrained or recipe.model.pretrained_file is not None
-    exporter = ModelExporter(recipe, out, resolve_run_pipeline(recipe.data, module, recipe.model.in_chans, pretrained))
+    exporter = ModelExporter(recipe, out, pipeline)
     run_facts = {"world_size": world, "precision": precision, "hardware": hardware(accelerator)}
 
     def export_best(epoch: int, bn_stats: dict, record: dict) -> None:
