@@ -301,7 +301,7 @@ def train(recipe: Recipe) -> dict:
         return {result_key(name, source, many): r for name, rs in averaged.items() for source, r in rs.items()}
 
     best = BestExport(recipe.export.best, out, records) if recipe.export.best else None
-    exporter = ModelExporter(recipe, out, pipeline)
+    exporter = ModelExporter(recipe, out, pipeline, module) if logger is not None else None
     run_facts = {"world_size": world, "precision": precision, "hardware": hardware(accelerator)}
 
     def export_best(epoch: int, bn_stats: dict, record: dict) -> None:

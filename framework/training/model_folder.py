@@ -1,5 +1,6 @@
 """Exports as timm users share models: a folder that `timm.create_model("local-dir:PATH", pretrained=True)`
-loads with no other argument, through timm's own `save_for_hf`.
+loads with no other argument, in the layout of timm's own `save_for_hf` (its `save_config_for_hf` writes
+the config; the weights are the run's export, hard-linked).
 
 Each folder holds `config.json` (architecture, num_classes, the model arguments timm recorded, and a
 pretrained config with the mean, std, input size, crop and interpolation the run used), `model.safetensors`,
@@ -11,6 +12,7 @@ reproduces the run. The folder is written beside under a temporary name and rena
 from __future__ import annotations
 
 import json
+import os
 import platform
 import shutil
 import tempfile
@@ -40,14 +42,22 @@ class Weights:
 class ModelExporter:
     """Main process only: each export as `<stem>.safetensors` (timm's `checkpoint_path`) and `<stem>/` (local-dir)."""
 
-    def __init__(self, recipe, out: Path, pipeline: Pipeline):
+    def __init__(self, recipe, out: Path, pipeline: Pipeline, model: torch.nn.Module):
         self.recipe, self.out, self.pipeline = recipe, out, pipeline
+        # timm's config needs the model's pretrained_cfg: a model registered without one (a user's own
+        # architecture) gets the safetensors files only, and the main process says so
+        self.folders = getattr(model, "pretrained_cfg", None) is not None
+        if not self.folders:
+            print(f"note: {recipe.model.name} has no timm pretrained_cfg: exports are safetensors files only, "
+                  "without model folders", flush=True)
 
     def save(self, state_dict: dict, stem: str, weights: Weights, summary: dict) -> None:
         from framework.training.export import save_state_dict
 
-        save_state_dict(state_dict, self.out / f"{stem}.safetensors")
-        write_model_folder(self.recipe, state_dict, self.out / stem, self.pipeline, weights, summary)
+        file = self.out / f"{stem}.safetensors"
+        save_state_dict(state_dict, file)
+        if self.folders:
+            write_model_folder(self.recipe, file, state_dict, self.out / stem, self.pipeline, weights, summary)
 
 
 def hardware(accelerator) -> str:
@@ -57,15 +67,19 @@ def hardware(accelerator) -> str:
     return f"{n} CPU process(es), {torch.get_num_threads()} thread(s) each ({platform.processor() or platform.machine()})"
 
 
-def write_model_folder(recipe, state_dict: dict, folder: Path, pipeline: Pipeline, weights: Weights,
-                       summary: dict) -> Path:
-    """Main process only. `state_dict` as exported (CPU tensors of the plain timm model)."""
-    from timm.models import save_for_hf
+def write_model_folder(recipe, weights_file: Path, state_dict: dict, folder: Path, pipeline: Pipeline,
+                       weights: Weights, summary: dict) -> Path:
+    """Main process only. `weights_file`: the export just written (`<stem>.safetensors`, the plain timm model's
+    state dict), which becomes the folder's `model.safetensors` as a hard link (one copy on disk; a copy where
+    links are not possible). `config.json` is timm's own `save_config_for_hf`, on the model rebuilt without
+    initialising it (meta device, then the exported tensors assigned)."""
+    from timm.models._hub import save_config_for_hf
 
     from framework.training.models import build_plain
 
-    model = build_plain(recipe.model, recipe.data.image_size)
-    model.load_state_dict(state_dict, strict=True)
+    with torch.device("meta"):
+        model = build_plain(recipe.model, recipe.data.image_size)
+    model.load_state_dict(state_dict, strict=True, assign=True)
     about = {"weights": weights.kind, "averager": weights.averager, "strategy": weights.strategy,
              "bn_stats": weights.bn_stats, "epoch": weights.epoch, "recipe": recipe.name,
              "top1": {source: r["top1"] for source, r in weights.results.items()}}
@@ -74,8 +88,12 @@ def write_model_folder(recipe, state_dict: dict, folder: Path, pipeline: Pipelin
                    "std": tuple(pipeline.std), "interpolation": pipeline.interpolation, "crop_pct": pipeline.crop_pct,
                    "crop_mode": "center"}
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
-    save_for_hf(model, str(tmp), safe_serialization=True, data_config=data_config,
-                model_config={BNSWA_KEY: about, "pretrained_cfg": {"tag": f"bnswa-{recipe.name}"}})
+    save_config_for_hf(model, str(tmp / "config.json"), data_config=data_config,
+                       model_config={BNSWA_KEY: about, "pretrained_cfg": {"tag": f"bnswa-{recipe.name}"}})
+    try:
+        os.link(weights_file, tmp / "model.safetensors")
+    except OSError:
+        shutil.copyfile(weights_file, tmp / "model.safetensors")
     (tmp / "recipe.yaml").write_text(dump_yaml(recipe_to_dict(recipe)))
     (tmp / "README.md").write_text(model_card(recipe, folder, pipeline, weights, summary))
     if folder.exists():
