@@ -4,7 +4,7 @@
 with the same world size or another. With `data.workers > 0`, a fresh DataLoader seeds its
 workers anew, so a resumed epoch would draw other augmentations than the interrupted one; to
 make a resume exact, the sampler's indices are tagged with the epoch and each worker seeds its
-random generators from (seed, epoch, index) before loading that sample. Without workers, the
+random generators from (seed, epoch, the batch's first index) before loading that batch. Without workers, the
 main process's generators are used as they are (they are in every checkpoint), seeded per
 process by `seed_process_streams`.
 """
@@ -84,7 +84,22 @@ class EpochTagged(Sampler):
         return len(self.sampler)
 
 
+def _seed_streams(key: str) -> None:
+    """Seed this worker's generators (torch's CPU stream, Python's, NumPy's) from `key`."""
+    digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
+    h = int.from_bytes(digest, "little") >> 1
+    # the CPU stream transforms draw from; torch.manual_seed also queues every accelerator's seed (0.25 ms)
+    torch.default_generator.manual_seed(h)
+    random.seed(h)
+    np.random.seed(h % 2**32)
+
+
 class SeededAugmentation(Dataset):
+    """In a worker, each batch's augmentation is seeded from (seed, epoch, its first index, its size): the
+    DataLoader fetches a batch at once (`__getitems__`), so the seeding (about 25 us) is paid once a batch,
+    not once a sample. A batch is fixed by the sampler's position, so a resumed epoch, which skips whole
+    batches, draws what the interrupted one drew, whatever the number of workers."""
+
     def __init__(self, dataset: Dataset, seed: int):
         self.dataset, self.seed = dataset, seed
 
@@ -94,10 +109,10 @@ class SeededAugmentation(Dataset):
     def __getitem__(self, key):
         epoch, index = key
         if get_worker_info() is not None:  # a worker's generators are its own; the main process's are checkpointed
-            digest = hashlib.blake2b(f"{self.seed}/{epoch}/{index}".encode(), digest_size=8).digest()
-            h = int.from_bytes(digest, "little") >> 1
-            torch.default_generator.manual_seed(h)  # the CPU stream transforms draw from; torch.manual_seed
-            # also queues every accelerator's seed and costs 0.25 ms a sample here, a quarter of a JPEG decode
-            random.seed(h)
-            np.random.seed(h % 2**32)
+            _seed_streams(f"{self.seed}/{epoch}/{index}")
         return self.dataset[index]
+
+    def __getitems__(self, keys: list) -> list:
+        if get_worker_info() is not None:
+            _seed_streams(f"{self.seed}/{keys[0][0]}/{keys[0][1]}/{len(keys)}")
+        return [self.dataset[index] for _, index in keys]
