@@ -78,6 +78,7 @@ def test_timms_own_pipeline_from_the_folders_config_reproduces_the_runs_top1(run
     assert 100.0 * correct / len(data) == pytest.approx(summary["eval"]["averaged"]["online"]["top1"], abs=1e-9)
 
 
+@pytest.mark.slow
 def test_bnswa_eval_reproduces_the_run_and_recompute_bn_gives_the_runs_recompute_figure(run):
     out, summary = run
     averaged = summary["eval"]["averaged"]
