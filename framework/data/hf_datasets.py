@@ -54,7 +54,7 @@ def open_split(cfg: DataConfig, split: str):
     if not files:
         raise FileNotFoundError(f"no save_to_disk DatasetDict and no Parquet files for split {split!r} "
                                 f"({split}.parquet, {split}-*.parquet or {split}/*.parquet)")
-    return datasets.Dataset.from_parquet(files, cache_dir=str(folder / ".arrow-cache"))
+    return datasets.Dataset.from_parquet(files)  # Arrow cache in datasets' own cache folder, not the data folder
 
 
 class HfImageDataset(Dataset):
