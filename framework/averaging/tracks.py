@@ -46,8 +46,9 @@ def result_key(name: str, source: str, many: bool) -> str:
     return f"{name}/{source}" if many else source
 
 
-def export_file(name: str, many: bool) -> str:
-    return f"model_averaged-{name}.safetensors" if many else "model_averaged.safetensors"
+def export_stem(name: str, many: bool) -> str:
+    """The averaged export's name: `<stem>.safetensors` and the model folder `<stem>/`."""
+    return f"model_averaged-{name}" if many else "model_averaged"
 
 
 def track_report(track: Track, recompute_seconds: list[float], export: str | None, bn_report: dict) -> dict:

@@ -35,14 +35,10 @@ def augment_ops(transform) -> list:
 
     if isinstance(transform, AugmentOp):
         return [transform]
-    found = []
-    for attr in ("transforms", "ops", "policy"):
-        children = getattr(transform, attr, None)
-        if isinstance(children, (list, tuple)):
-            for child in children:
-                found += augment_ops(child) if not isinstance(child, (list, tuple)) else \
-                    [op for c in child for op in augment_ops(c)]
-    return found
+    if isinstance(transform, (list, tuple)):  # a Compose's list, AutoAugment's sub-policies
+        return [op for child in transform for op in augment_ops(child)]
+    children = (getattr(transform, attr, None) for attr in ("transforms", "ops", "policy"))
+    return [op for c in children if isinstance(c, (list, tuple)) for op in augment_ops(c)]
 
 
 def make_policies_safe(transform):

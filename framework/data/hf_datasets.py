@@ -25,6 +25,10 @@ PREFIX = "hfds/"
 IMAGE_KEY, LABEL_KEY = "image", "label"
 
 
+def is_hfds(name: str | None) -> bool:
+    return name is not None and name.lower().startswith(PREFIX)
+
+
 def local_path(cfg: DataConfig) -> Path:
     path = Path(cfg.dataset[len(PREFIX):])
     return Path(cfg.root) / path if cfg.root and not path.is_absolute() else path

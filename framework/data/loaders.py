@@ -200,9 +200,10 @@ def folder_class_map(root: Path, train_split: str, class_map: str | None) -> dic
 
 
 def create_datasets(cfg: DataConfig, model, num_classes: int, in_chans: int, seed: int, pretrained: bool = False,
-                    train_transform: str = "train", device_side: bool = False):
+                    train_transform: str = "train", device_side: bool = False, pipeline: Pipeline | None = None):
     """(train, val) datasets; `train_transform="eval"` gives the training images the evaluation transform;
-    `device_side`: images as uint8 tensors, normalised on the device (framework/data/device.py)."""
+    `device_side`: images as uint8 tensors, normalised on the device (framework/data/device.py);
+    `pipeline`: the run's, when the caller resolved it already."""
     if cfg.source == "synthetic":
         make = lambda n, s: SyntheticDataset(n, cfg.image_size, num_classes, in_chans, s)  # noqa: E731
         return make(cfg.synthetic_train_size, seed), make(cfg.synthetic_val_size, seed + 1)
@@ -210,7 +211,7 @@ def create_datasets(cfg: DataConfig, model, num_classes: int, in_chans: int, see
 
     from framework.data import fashion_mnist
 
-    p = resolve_run_pipeline(cfg, model, in_chans, pretrained)
+    p = pipeline or resolve_run_pipeline(cfg, model, in_chans, pretrained)
     eval_tf = create_transform(cfg.image_size, is_training=False, crop_pct=p.crop_pct, interpolation=p.interpolation,
                                mean=p.mean, std=p.std, use_prefetcher=device_side)
     train_tf = create_train_transform(cfg, p, device_side) if train_transform == "train" else eval_tf
@@ -285,7 +286,7 @@ def create_loaders(cfg: DataConfig, train_ds, val_ds, rank: int, world_size: int
     workers = resolve_workers(cfg.workers, local_processes(world_size))
     common = loader_options(cfg, workers, pin_memory)
     g = torch.Generator().manual_seed(seed + rank)  # worker seeds: distinct per rank, fixed per run
-    # In workers, each sample's augmentation is seeded by (seed, epoch, index): a resumed epoch repeats it exactly
+    # In workers, each batch's augmentation is seeded by (seed, epoch, first index): a resumed epoch repeats it exactly
     train = DataLoader(SeededAugmentation(train_ds, seed), batch_size=cfg.batch_size, sampler=EpochTagged(train_sampler),
                        drop_last=True, generator=g, **common)
     val = DataLoader(padded, batch_size=cfg.eval_batch_size, sampler=val_sampler, **common)

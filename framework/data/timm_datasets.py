@@ -23,10 +23,6 @@ from framework.recipe.schema import DataConfig
 ITERABLE = ("wds", "tfds", "hfids")
 
 
-def is_hfds(name: str | None) -> bool:
-    return name is not None and name.lower().startswith("hfds/")
-
-
 class ToMode:
     """PIL images to the model's channels ('L' or 'RGB'); torchvision's datasets give their own mode."""
 
@@ -40,9 +36,9 @@ class ToMode:
 def create_timm_dataset(cfg: DataConfig, split: str, transform, in_chans: int):
     from timm.data import create_dataset
 
-    if is_hfds(cfg.dataset):
-        from framework.data.hf_datasets import create_hf_dataset
+    from framework.data.hf_datasets import create_hf_dataset, is_hfds
 
+    if is_hfds(cfg.dataset):
         return create_hf_dataset(cfg, split, transform, in_chans)
 
     return create_dataset(cfg.dataset, root=cfg.root, split=split, is_training=False, download=False,

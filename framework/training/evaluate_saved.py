@@ -119,7 +119,7 @@ def evaluate_saved(weights: str, recipe, recompute: bool) -> dict:
     pipeline = resolve_run_pipeline(recipe.data, model, in_chans, from_folder)
     on_device = create_device_batches(recipe.data, pipeline.mean, pipeline.std, device) if cuda and recipe.data.prefetcher else None
     train_ds, val_ds = create_datasets(recipe.data, model, num_classes, in_chans, recipe.seed, pretrained=from_folder,
-                                       device_side=on_device is not None)
+                                       device_side=on_device is not None, pipeline=pipeline)
     loaders = create_loaders(recipe.data, train_ds, val_ds, rank, world, recipe.seed, pin_memory=cuda, on_device=on_device)
     bn = "as saved"
     if recompute:

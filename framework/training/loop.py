@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from framework.averaging import WeightAverager
-from framework.averaging.tracks import create_tracks, export_file, result_key, several, track_report
+from framework.averaging.tracks import create_tracks, export_stem, result_key, several, track_report
 from framework.averaging.views import create_view
 from framework.bn import BN_MODES, bn_buffers, swapped
 from framework.bn.inputs import create_pass_inputs
@@ -206,7 +206,7 @@ def train(recipe: Recipe) -> dict:
     pipeline = resolve_run_pipeline(recipe.data, model, recipe.model.in_chans, pretrained)
     on_device = create_device_batches(recipe.data, pipeline.mean, pipeline.std, device) if cuda and recipe.data.prefetcher else None
     train_ds, val_ds = create_datasets(recipe.data, model, recipe.model.num_classes, recipe.model.in_chans, recipe.seed,
-                                       pretrained=pretrained, device_side=on_device is not None)
+                                       pretrained=pretrained, device_side=on_device is not None, pipeline=pipeline)
     loaders = create_loaders(recipe.data, train_ds, val_ds, accelerator.process_index, accelerator.num_processes,
                              recipe.seed, pin_memory=cuda, on_device=on_device)
     if len(loaders.train) == 0:
@@ -377,7 +377,7 @@ def train(recipe: Recipe) -> dict:
                 averaged_state = detached_state_dict(accelerator, model)
             if logger is not None:
                 weights = Weights("averaged", t.name, t.strategy, export_source, averaged[t.name])
-                exporter.save(averaged_state, export_file(t.name, many).removesuffix(".safetensors"), weights, summary)
+                exporter.save(averaged_state, export_stem(t.name, many), weights, summary)
     if logger is not None:
         summary["output_dir"] = str(out.resolve())
         summary["wandb"] = {"mode": logger.mode, "dir": logger.wandb_dir}

@@ -11,7 +11,6 @@ reproduces the run. The folder is written beside under a temporary name and rena
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import shutil
@@ -156,7 +155,3 @@ bnswa train {folder.resolve()}/recipe.yaml output.dir=runs/{recipe.name}-again -
 ```
 """
 
-
-def read_about(folder: Path) -> dict:
-    """Our fields of a model folder's config.json (what its weights are, which BN statistics)."""
-    return json.loads((folder / "config.json").read_text()).get(BNSWA_KEY, {})
