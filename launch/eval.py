@@ -21,7 +21,7 @@ def main(argv: list[str]) -> int:
     if weights is None or not recipe_argv:
         print_errors([USAGE])
         return USER_ERROR
-    recipe = load_or_exit(recipe_argv, quiet_rank=quiet)
+    recipe = load_or_exit(recipe_argv, quiet_rank=quiet, world_size=int(os.environ.get("WORLD_SIZE", "1")))
     errors = check_weights(weights, recipe)
     if errors:
         if not quiet:

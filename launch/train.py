@@ -14,7 +14,9 @@ import sys
 def main(argv: list[str]) -> int:
     from framework.recipe.cli import load_or_exit
 
-    recipe = load_or_exit(argv, quiet_rank=os.environ.get("LOCAL_RANK", "0") != "0")
+    # WORLD_SIZE: set by the launcher (torch elastic) for every process it starts
+    recipe = load_or_exit(argv, quiet_rank=os.environ.get("LOCAL_RANK", "0") != "0",
+                          world_size=int(os.environ.get("WORLD_SIZE", "1")))
 
     from framework.distributed.output_lock import OutputBusy, OutputLock
     from framework.distributed.watchdog import watch_launcher

@@ -13,18 +13,46 @@ from PIL import Image
 
 from framework.data.augment import augment_ops, posterize
 from framework.data.loaders import Pipeline, create_train_transform
+from framework.data.policies import policy_problem
 from framework.recipe.schema import AugmentConfig, DataConfig
 
 POLICIES = [
     # RandAugment: plain, increasing, magnitude noise (gaussian, and uniform for mstd > 100), mmax past 10
     "rand-m9-mstd0.5-inc1", "rand-m10-inc1", "rand-m0", "rand-m10", "rand-m9-n3-mstd101-inc1",
-    "rand-m30-mmax30-inc1", "rand-m30-mmax30", "rand-m7-p0.8-tweights", "rand-m9-tinc",
+    "rand-m30-mmax30-inc1", "rand-m30-mmax30", "rand-m7-p0.8-tweights", "rand-m9-t3a", "rand-m9-mstd0.5-t3aw",
     # AugMix (its ops are the increasing ones)
     "augmix-m5-w4-d2", "augmix-m10-w3-d1-mstd0.5", "augmix-m0-b1",
     # AutoAugment's policies
     "v0", "v0r", "original", "originalr", "3a", "v0-mstd0.5",
 ]
 MODES = {"RGB": 3, "L": 1}
+# Sections timm skips or misreads without a word (issue 22): each is refused, naming the section
+REFUSED = {
+    "rand-m9-inc": "RandAugment section 'inc' needs a value (inc<0|1>, e.g. inc1)",
+    "rand-m9-mstd": "RandAugment section 'mstd' needs a value",
+    "rand-m9-zz": "unknown RandAugment section 'zz'; sections are m<int>, n<int>, p<float>, mstd<float>, mmax<int>, "
+                  "inc<0|1>, t<weights|3a|3aw>",
+    "rand-m9-inx1": "unknown RandAugment section 'inx1'",
+    "rand-m9-tinc": "RandAugment op set 'tinc': choices are tweights, t3a, t3aw",
+    "rand-m9-inc2": "RandAugment section 'inc2': '2' is not a value of inc<0|1>",
+    "rand-m9.5": "RandAugment section 'm9.5': '9.5' is not a value of m<int>",
+    "rand-m9-m5": "RandAugment section 'm' given twice",
+    "rand--m9": "unknown RandAugment section ''",
+    "augmix-m5-n2": "unknown AugMix section 'n2'; sections are m<int>, w<int>, d<int>, a<float>, b<0|1>, mstd<float>",
+    "v0-m5": "unknown AutoAugment section 'm5'; sections are mstd<float>",
+    "v1": "unknown policy 'v1'; expected rand-<sections> (RandAugment), augmix-<sections> (AugMix) or an AutoAugment",
+    "randaugment-m9": "unknown policy 'randaugment'",
+}
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_every_documented_policy_parses(policy):
+    assert policy_problem(policy) is None
+
+
+@pytest.mark.parametrize("policy", REFUSED)
+def test_sections_timm_would_skip_are_named(policy):
+    assert (policy_problem(policy) or "").startswith(REFUSED[policy])
 
 
 def _transform(policy: str, in_chans: int):

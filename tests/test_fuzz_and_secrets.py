@@ -10,8 +10,10 @@ from conftest import ROOT, check_ok, clean_env, launch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from framework.__main__ import main as front_door
 from framework.recipe.errors import RecipeError
 from framework.recipe.resolve import load_raw, resolve_recipe
+from framework.recipe.schema import Recipe, field_paths
 
 BASE = load_raw(ROOT / "recipes" / "quickstart.yaml")
 SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-10**12, 10**12), st.floats(allow_nan=True, allow_infinity=True),
@@ -66,6 +68,39 @@ def test_fuzzed_recipes_give_only_clean_errors(tmp_path_factory, data, text_nois
         resolve_recipe(path)
     except RecipeError as err:
         assert err.errors and all(line and "\n" not in line for line in err.errors)
+
+
+def _through_front_door(argv: list[str], capsys) -> None:
+    """`bnswa validate ARGV`: it prints the recipe (exit 0) or only `error:` lines (exit 2); never a traceback."""
+    try:
+        code = front_door(["validate", *argv])
+    except SystemExit as stop:
+        code = stop.code
+    err = capsys.readouterr().err.splitlines()
+    assert code in (0, 2) and (code == 0) == (not err), (code, err)
+    assert all(line.startswith("error: ") for line in err), err
+
+
+YAML_DOCS = st.recursive(SCALARS, lambda inner: st.one_of(st.lists(inner, max_size=4),
+                                                          st.dictionaries(st.text(max_size=10), inner, max_size=4)),
+                         max_leaves=12)
+KEYS = field_paths(Recipe)  # every key of the schema, not only the quickstart's
+
+
+@settings(max_examples=150, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(noise=st.one_of(st.binary(max_size=300), YAML_DOCS.map(lambda d: yaml.safe_dump(d, allow_unicode=True).encode())))
+def test_random_files_through_the_front_door(tmp_path_factory, capsys, noise):
+    path = tmp_path_factory.mktemp("noise", numbered=True) / "r.yaml"
+    path.write_bytes(noise)
+    _through_front_door([str(path)], capsys)
+
+
+@settings(max_examples=300, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(overrides=st.lists(st.tuples(st.sampled_from(KEYS), VALUES), min_size=1, max_size=3))
+def test_random_values_for_every_key_through_the_front_door(capsys, overrides):
+    text = [f"{key}={yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix('...').strip()}"
+            for key, value in overrides]
+    _through_front_door([str(ROOT / "recipes" / "quickstart.yaml"), "output.dir=/nonexistent-fuzz/run", *text], capsys)
 
 
 SECRETS = {"WANDB_API_KEY": "wandb-SECRET-0000000000000000000000000000000000000000",

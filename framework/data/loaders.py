@@ -160,6 +160,11 @@ def check_augment(cfg: DataConfig, errors: list[str]) -> None:
     """A policy string timm cannot parse is a validation error, not a crash in the first batch."""
     if cfg.augment.auto_augment is None:
         return
+    from framework.data.policies import policy_problem
+
+    if (problem := policy_problem(cfg.augment.auto_augment)) is not None:
+        errors.append(f"data.augment.auto_augment = {cfg.augment.auto_augment!r}: {problem}")
+        return
     try:
         create_train_transform(cfg, Pipeline((0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bilinear", 1.0))
     except (AssertionError, ValueError, KeyError, IndexError) as e:

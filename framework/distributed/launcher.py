@@ -66,7 +66,10 @@ def train_main(argv: list[str]) -> int:
     if not argv:
         print_errors([USAGE])
         return USER_ERROR
-    recipe = load_or_exit(argv)  # one line per problem and exit 2; nothing written, nothing launched
+    launch = plan_launch(num_processes)
+    if launch is None:
+        return USER_ERROR
+    recipe = load_or_exit(argv, world_size=launch[0])  # one line per problem and exit 2; nothing written or launched
     from framework.distributed.output_lock import OutputBusy, check_output_free
 
     try:
@@ -74,21 +77,25 @@ def train_main(argv: list[str]) -> int:
     except OutputBusy as err:
         print_errors([str(err)])
         return USER_ERROR
-    return exec_launch("train.py", argv, num_processes)
+    return exec_launch("train.py", argv, launch)
 
 
-def exec_launch(entry: str, argv: list[str], num_processes: str | None) -> int:
-    """Become `accelerate launch ... launch/<entry> ARGV` (exec: signals reach the launcher directly)."""
+def plan_launch(num_processes: str | None) -> tuple[int, dict] | None:
+    """(process count, workers' environment) for this machine, or None after printing why not."""
     import torch
 
-    from framework.recipe.cli import USER_ERROR
     from framework.recipe.errors import print_errors
 
     try:
-        n, env = resolve_launch(num_processes, torch.cuda.device_count(), len(os.sched_getaffinity(0)), os.environ)
+        return resolve_launch(num_processes, torch.cuda.device_count(), len(os.sched_getaffinity(0)), os.environ)
     except ValueError as err:
         print_errors([str(err)])
-        return USER_ERROR
+        return None
+
+
+def exec_launch(entry: str, argv: list[str], launch: tuple[int, dict]) -> int:
+    """Become `accelerate launch ... launch/<entry> ARGV` (exec: signals reach the launcher directly)."""
+    n, env = launch
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "accelerate_config.yaml"),
            "--num_processes", str(n), "--main_process_port", str(_free_port()), str(ROOT / "launch" / entry), *argv]
     sys.stdout.flush()

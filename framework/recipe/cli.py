@@ -10,12 +10,13 @@ from framework.recipe.yaml_io import dump_yaml
 USER_ERROR = 2
 
 
-def load_or_exit(argv: list[str], quiet_rank: bool = False) -> Recipe:
-    """Resolve `RECIPE [overrides...]` or print the errors and exit 2 (no traceback, nothing written)."""
+def load_or_exit(argv: list[str], quiet_rank: bool = False, world_size: int = 1) -> Recipe:
+    """Resolve `RECIPE [overrides...]` for `world_size` processes or print the errors and exit 2 (no traceback,
+    nothing written)."""
     if not argv or argv[0].startswith("-") or "=" in argv[0]:
         _fail(["usage: RECIPE.yaml [key=value | --key=value ...]"], quiet_rank)
     try:
-        return resolve_recipe(argv[0], argv[1:])
+        return resolve_recipe(argv[0], argv[1:], world_size)
     except RecipeError as err:
         _fail(err.errors, quiet_rank)
 

@@ -156,20 +156,25 @@ def _check_semantics(r: Recipe, errors: list[str]) -> None:
     if b.type == "deepspeed" and r.faults.nonfinite == "skip":
         errors.append("faults.nonfinite = 'skip': not under DeepSpeed, whose engine steps inside backward; use 'raise'")
     d = r.data
-    if d.source == "folder":
-        if d.root is None:
-            errors.append("data.root = None: source 'folder' needs an image folder with train and val splits")
-        else:
-            missing = False
-            from framework.data.loaders import split_path
+    bad_splits = [key for key in ("train_split", "val_split") if not _is_split_name(getattr(d, key))]
+    errors += [f"data.{key} = {getattr(d, key)!r}: expected the name of a split inside data.root (e.g. train, val)"
+               for key in bad_splits]
+    if bad_splits:
+        pass
+    elif d.source == "folder" and d.root is None:
+        errors.append("data.root = None: source 'folder' needs an image folder with train and val splits")
+    elif d.source in ("folder", "digits"):
+        from framework.data.loaders import ensure_digits_folder, split_path
 
-            for split in (d.train_split, d.val_split):
-                if split_path(Path(d.root), split) is None:
-                    missing = True
-                    errors.append(f"data.root = {d.root!r}: {Path(d.root) / split} not found, as a folder or as {split}.tar "
-                                  f"(data.{'train' if split == d.train_split else 'val'}_split = {split!r})")
-            if not missing:
-                _check_classes(r, errors)
+        root = Path(d.root) if d.source == "folder" else ensure_digits_folder(Path(d.root) if d.root else None)
+        missing = False
+        for split in (d.train_split, d.val_split):
+            if split_path(root, split) is None:
+                missing = True
+                errors.append(f"data.root = {str(root)!r}: {root / split} not found, as a folder or as {split}.tar "
+                              f"(data.{'train' if split == d.train_split else 'val'}_split = {split!r})")
+        if not missing and d.source == "folder":
+            _check_classes(r, errors)
     elif d.source == "timm":
         from framework.data.timm_datasets import check_timm_dataset
 
@@ -189,6 +194,11 @@ def _check_semantics(r: Recipe, errors: list[str]) -> None:
         value = getattr(d, key)
         if value is not None and len(value) != r.model.in_chans:
             errors.append(f"data.{key} = {value!r}: expected {r.model.in_chans} values (model.in_chans)")
+
+
+def _is_split_name(split: str) -> bool:
+    path = Path(split)
+    return bool(split.strip()) and not path.is_absolute() and ".." not in path.parts and path != Path(".")
 
 
 def _check_schedule(s, errors: list[str]) -> None:
@@ -227,8 +237,9 @@ def _check_classes(r: Recipe, errors: list[str]) -> None:
         errors.append(f"model.num_classes = {r.model.num_classes}: the data has {len(classes)} classes")
 
 
-def resolve_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
-    """Load, merge, override and validate. Raises RecipeError listing every problem."""
+def resolve_recipe(path: str | Path, overrides: list[str] = (), world_size: int = 1) -> Recipe:
+    """Load, merge, override and validate for a launch of `world_size` processes (the data must fill a batch
+    on each). Raises RecipeError listing every problem."""
     path = Path(path)
     data = load_raw(path)
     for key, value in parse_overrides(list(overrides)):
@@ -241,6 +252,12 @@ def resolve_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     if not errors:
         recipe.output.dir = recipe.output.dir.replace("${name}", recipe.name)
         check_output_dir(Path(recipe.output.dir), errors)
+    if not errors:  # checks that open the data and the checkpoints, once everything they read is known good
+        from framework.checkpoint.fingerprint import check_resume
+        from framework.data.sizes import check_data_size
+
+        check_data_size(recipe.data, world_size, errors)
+        check_resume(recipe, errors)
     if errors:
         raise RecipeError(errors[0], errors)
     return recipe

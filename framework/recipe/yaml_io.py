@@ -69,7 +69,13 @@ def parse_yaml(text: str, source: str) -> Any:
 def load_yaml_file(path: Path) -> dict:
     if not path.is_file():
         raise RecipeError(f"recipe file not found: {path}")
-    data = parse_yaml(path.read_text(encoding="utf-8"), str(path))
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise RecipeError(f"{path}: not a text file (byte {err.start} is not UTF-8); a recipe is a YAML mapping") from None
+    except OSError as err:
+        raise RecipeError(f"{path}: cannot read the recipe file ({err.strerror})") from None
+    data = parse_yaml(text, str(path))
     if data is None:
         raise RecipeError(f"{path}: recipe file is empty; it must be a mapping of sections (model, data, ...)")
     if not isinstance(data, dict):

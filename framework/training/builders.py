@@ -170,6 +170,10 @@ def create_optimizer(cfg: OptimizerConfig, model, global_batch: int):
 
 def check_optimizer_keywords(cfg: OptimizerConfig, errors: list[str]) -> None:
     """Settings the optimizer does not take or refuses are named at validation (built for one tensor here)."""
+    if cfg.betas is not None and (expected := _default_betas(cfg.name)) and len(cfg.betas) != len(expected):
+        errors.append(f"optimizer.betas = {cfg.betas!r}: timm's {cfg.name!r} optimizer takes {len(expected)} betas "
+                      f"(its default: {list(expected)})")
+        return
     probe = torch.nn.Linear(2, 2)
     try:
         create_optimizer(dataclasses.replace(cfg, layer_decay=None), probe, 1)
@@ -179,10 +183,24 @@ def check_optimizer_keywords(cfg: OptimizerConfig, errors: list[str]) -> None:
         where = f"optimizer.kwargs.{key}" if key in cfg.kwargs else f"optimizer.{key}" if key else "optimizer"
         value = cfg.kwargs.get(key, getattr(cfg, key, None)) if key else cfg.kwargs
         errors.append(f"{where} = {value!r}: not a keyword of timm's {cfg.name!r} optimizer ({err})")
-    except (ValueError, AssertionError) as err:
+    except (ValueError, AssertionError, IndexError, RuntimeError) as err:
         errors.append(f"optimizer.name = {cfg.name!r} with momentum {cfg.momentum}, betas {cfg.betas}, eps {cfg.eps}, kwargs "
                       f"{cfg.kwargs}: timm's optimizer refuses them ({err})"
                       + ("; for SGD without momentum use optimizer.name = 'momentum'" if "Nesterov" in str(err) else ""))
+
+
+def _default_betas(name: str) -> tuple | None:
+    """The betas an optimizer class takes by default (Adam-like 2, Adan 3), or None when it takes none."""
+    import inspect
+
+    import timm.optim
+
+    opt_class = timm.optim.get_optimizer_info(name).opt_class
+    try:
+        default = inspect.signature(opt_class).parameters.get("betas")
+    except (TypeError, ValueError):  # a class whose signature cannot be read: the probe decides
+        return None
+    return default.default if default is not None and isinstance(default.default, tuple) else None
 
 
 def create_scheduler(cfg: ScheduleConfig, optimizer, updates_per_epoch: int):

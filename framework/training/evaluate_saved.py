@@ -135,7 +135,7 @@ def evaluate_saved(weights: str, recipe, recompute: bool) -> dict:
 
 def eval_main(argv: list[str]) -> int:
     """The front door: check everything here (one line each, exit 2), then launch `launch/eval.py`."""
-    from framework.distributed.launcher import _pop_option, exec_launch
+    from framework.distributed.launcher import _pop_option, exec_launch, plan_launch
     from framework.recipe.cli import USER_ERROR, load_or_exit
     from framework.recipe.errors import print_errors
 
@@ -144,9 +144,12 @@ def eval_main(argv: list[str]) -> int:
     if weights is None or not recipe_argv or weights.startswith("-") or "=" in weights:
         print_errors([USAGE])
         return USER_ERROR
-    recipe = load_or_exit(recipe_argv)
+    launch = plan_launch(num_processes)
+    if launch is None:
+        return USER_ERROR
+    recipe = load_or_exit(recipe_argv, world_size=launch[0])
     errors = check_weights(weights, recipe)
     if errors:
         print_errors(errors)
         return USER_ERROR
-    return exec_launch("eval.py", argv, num_processes)
+    return exec_launch("eval.py", argv, launch)

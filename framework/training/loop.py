@@ -17,6 +17,7 @@ from framework.bn import BN_MODES, bn_buffers, swapped
 from framework.bn.inputs import create_pass_inputs
 from framework.bn.sources import NO_STATS
 from framework.checkpoint.engine_state import create_engine_state
+from framework.checkpoint.fingerprint import recipe_fingerprint
 from framework.checkpoint.resume import capture, resume_run
 from framework.checkpoint.store import checkpoint_tag, save_checkpoint
 from framework.data.device import create_device_batches
@@ -253,6 +254,7 @@ def train(recipe: Recipe) -> dict:
     world, batch = accelerator.num_processes, recipe.data.batch_size
     base = {"samples": 0, "steps": 0}  # where this launch entered the epoch (a resume inside it)
     saved_at = [-1]
+    fingerprint = recipe_fingerprint(recipe)  # in every manifest: resume is checked against it before launch
 
     def save(epoch: int, stats: dict | None) -> None:
         control.resolve()  # a non-finite step is never checkpointed
@@ -262,7 +264,7 @@ def train(recipe: Recipe) -> dict:
         own, shared = capture(state, engine_state, tracks, position, stats, records)
         extra = engine_state.save_engine_checkpoint if ckpt.engine_copy else None
         path = save_checkpoint(out / "checkpoints", checkpoint_tag(epoch, samples), own, accelerator.process_index,
-                               world, ckpt.keep, position, shared=shared if accelerator.is_main_process else None,
+                               world, ckpt.keep, {**position, "recipe": fingerprint}, shared=shared if accelerator.is_main_process else None,
                                write_extra=extra)
         saved_at[0] = state.num_updates
         if logger is not None:
