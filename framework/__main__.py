@@ -1,4 +1,4 @@
-"""`bnswa train RECIPE [overrides] [--num-processes N]` (or `python -m framework train ...`): check, then launch.
+"""`bnswa train RECIPE [overrides] [--num-processes N] [--verbose]` (or `python -m framework train ...`): check, then launch.
 `python -m framework validate RECIPE [overrides]`: print the resolved recipe or its errors.
 `python -m framework compare RUN_DIR... [--out DIR] [--wandb MODE]`: compare finished runs.
 `bnswa eval WEIGHTS_OR_FOLDER RECIPE [overrides] [--recompute-bn] [--num-processes N]`: evaluate saved weights."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -63,6 +64,16 @@ def read_metrics(out_dir: Path) -> list[dict]:
 
 def read_summary(out_dir: Path) -> dict:
     return json.loads((out_dir / "summary.json").read_text())
+
+
+# What libraries print (warnings, log records, torch elastic's rank prefixes): never on a run's console by default
+LIBRARY_LINE = re.compile(r"Warning|WARNING|\[rank\d+\]|built successfully|Setting accelerator|^[WEI]\d{4} ")
+
+
+def assert_console_is_ours(proc: subprocess.CompletedProcess) -> None:
+    """A finished run printed the framework's lines only (framework/reporting/console.py)."""
+    foreign = [line for line in (proc.stdout + proc.stderr).splitlines() if LIBRARY_LINE.search(line)]
+    assert proc.stderr.strip() == "" and not foreign, (foreign, proc.stderr[-2000:])
 
 
 def check_ok(proc: subprocess.CompletedProcess) -> None:

@@ -10,7 +10,16 @@ import time
 
 import pytest
 import torch
-from conftest import REFERENCE_ARGS, check_ok, launch, read_metrics, read_summary, start_launch, wait_workers
+from conftest import (
+    REFERENCE_ARGS,
+    assert_console_is_ours,
+    check_ok,
+    launch,
+    read_metrics,
+    read_summary,
+    start_launch,
+    wait_workers,
+)
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
@@ -25,7 +34,9 @@ def runs(tmp_path_factory, reference_run):
         if name == "ddp":
             continue
         run_dir = tmp_path_factory.mktemp(name) / "run"
-        check_ok(launch([*ARGS, f"output.dir={run_dir}", *args], nproc=2, cwd=run_dir.parent))
+        proc = launch([*ARGS, f"output.dir={run_dir}", *args], nproc=2, cwd=run_dir.parent)
+        check_ok(proc)
+        assert_console_is_ours(proc)  # DeepSpeed's own lines stay off the console too (issue 22)
         out[name] = run_dir
     return out
 

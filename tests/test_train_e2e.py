@@ -8,7 +8,15 @@ import time
 
 import pytest
 import yaml
-from conftest import REFERENCE_ARGS, ROOT, check_ok, launch, read_metrics, read_summary
+from conftest import (
+    REFERENCE_ARGS,
+    ROOT,
+    assert_console_is_ours,
+    check_ok,
+    launch,
+    read_metrics,
+    read_summary,
+)
 
 from framework.reporting.wandb_file import find_run_files, read_run
 
@@ -52,6 +60,14 @@ def test_two_processes_reach_the_quickstart_bar(run2):
     records = read_metrics(out)
     assert [r["epoch"] for r in records] == list(range(1, 9))
     assert records[-1]["train/loss"] < records[0]["train/loss"]
+
+
+def test_the_console_holds_our_lines_only(run2, run1):
+    """No library warning or log line: Accelerate's DDP keyword FutureWarning is fixed, DeepSpeed's accelerator
+    guess answered, the rest filtered where emitted (issue 22)."""
+    for _, proc in (run2, run1):
+        assert_console_is_ours(proc)
+    assert "epoch   2 |" in run2[1].stdout and "final: " in run2[1].stdout
 
 
 def test_one_process_counts_the_same_validation_images(run1, run2):

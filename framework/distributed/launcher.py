@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-USAGE = "usage: bnswa train RECIPE.yaml [key=value | --key=value ...] [--num-processes N]"
+USAGE = "usage: bnswa train RECIPE.yaml [key=value | --key=value ...] [--num-processes N] [--verbose]"
 
 
 def _pop_option(argv: list[str], name: str) -> tuple[str | None, list[str]]:
@@ -63,6 +63,8 @@ def train_main(argv: list[str]) -> int:
     from framework.recipe.errors import print_errors
 
     num_processes, argv = _pop_option(argv, "--num-processes")
+    if "--verbose" in argv:  # every library's lines too: the recipe key, so each worker reads it
+        argv = [a for a in argv if a != "--verbose"] + ["logging.verbose=true"]
     if not argv:
         print_errors([USAGE])
         return USER_ERROR

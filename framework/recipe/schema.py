@@ -218,6 +218,8 @@ class WandbConfig:
 class LoggingConfig:
     wandb: WandbConfig = spec(factory=WandbConfig)
     progress: bool = spec(True, doc="progress bar on the main process (always off when CI=true)")
+    verbose: bool = spec(False, doc="every library's warnings and log lines on the console too (bnswa train --verbose); "
+                                    "by default a run prints the framework's lines only")
     interval_steps: int | None = spec(None, ge=1, doc="train loss, lr and images/s every N optimizer updates, to "
                                                       "metrics.jsonl, wandb and the progress bar; null: per epoch only")
 

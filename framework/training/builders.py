@@ -83,13 +83,29 @@ def init_process_group(cuda: bool, timeout_s: int) -> None:
     Heartbeat(env["MASTER_ADDR"], int(env["MASTER_PORT"]), prefix, rank, world).start()  # names a lost peer later
 
 
+def _ddp_kwargs(find_unused_parameters: bool):
+    """Accelerate's DDP keywords plus torch 2.13's `forward_sync_buffers=False`, which replaces the deprecated
+    `broadcast_buffers=False` (a FutureWarning per process). Accelerate 1.15's handler has no field for it and
+    takes only its own class in `kwargs_handlers`, so this subclass is set as the accelerator's `ddp_handler`,
+    which `prepare` reads. Unlike the old keyword, buffers are still broadcast once when DDP wraps the model;
+    they are equal on every rank then (one seed), and a resume loads each rank's own statistics after the
+    wrap, so `local` BN keeps them."""
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    @dataclasses.dataclass
+    class DDPKwargs(DistributedDataParallelKwargs):
+        forward_sync_buffers: bool | None = None
+
+    return DDPKwargs(find_unused_parameters=find_unused_parameters, forward_sync_buffers=False)
+
+
 def create_accelerator(cfg: BackendConfig, micro_batch_size: int, clip_grad: float | None, timeout_s: int = 300,
                        accumulate_steps: int = 1):
     """`timeout_s`: how long a collective waits for a dead or hung peer (torch's defaults: 30 min gloo)."""
     from datetime import timedelta
 
     from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
+    from accelerate.utils import InitProcessGroupKwargs
 
     cuda = torch.cuda.is_available()
     precision, note = resolve_precision(cfg.precision, cuda, cfg.type == "deepspeed")
@@ -105,14 +121,14 @@ def create_accelerator(cfg: BackendConfig, micro_batch_size: int, clip_grad: flo
         if note and accelerator.is_main_process:
             print(f"note: {note}", flush=True)
         return accelerator, precision
-    # No BN buffer broadcast before every forward: each bn.mode makes statistics identical
-    # before evaluation instead (framework/bn/__init__.py), the same under DDP and DeepSpeed.
-    ddp = DistributedDataParallelKwargs(find_unused_parameters=cfg.find_unused_parameters, broadcast_buffers=False)
     # On a CPU machine a plain Accelerator under a multi-process launch tells every rank it is
     # rank 0 of 1; cpu=True gives MULTI_CPU over gloo with real ranks.
     pg = InitProcessGroupKwargs(timeout=timedelta(seconds=timeout_s))
     # Autocast and the loss scaler are framework/training/amp.py's, on CPU and GPU alike
-    accelerator = Accelerator(cpu=not cuda, mixed_precision="no", kwargs_handlers=[ddp, pg])
+    accelerator = Accelerator(cpu=not cuda, mixed_precision="no", kwargs_handlers=[pg])
+    # No BN buffer broadcast before every forward: each bn.mode makes statistics identical
+    # before evaluation instead (framework/bn/__init__.py), the same under DDP and DeepSpeed.
+    accelerator.ddp_handler = _ddp_kwargs(cfg.find_unused_parameters)
     if note and accelerator.is_main_process:
         print(f"note: {note}", flush=True)
     return accelerator, precision

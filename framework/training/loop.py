@@ -27,6 +27,7 @@ from framework.data.sampling import seed_process_streams
 from framework.distributed.faults import StepControl
 from framework.recipe.resolve import recipe_to_dict
 from framework.recipe.schema import Recipe
+from framework.reporting.console import dropping_prints, quiet_libraries
 from framework.reporting.intervals import IntervalMeter
 from framework.reporting.summary import (
     build_summary,
@@ -190,8 +191,11 @@ def train(recipe: Recipe) -> dict:
 
     from framework.reporting.tracking import create_logger
 
-    accelerator, precision = create_accelerator(recipe.backend, recipe.data.batch_size, recipe.optimizer.clip_grad,
-                                                 recipe.faults.collective_timeout_s, recipe.optimizer.accumulate_steps)
+    verbose = recipe.logging.verbose
+    quiet_libraries(verbose, torch.cuda.is_available())  # framework/reporting/console.py: line by line, why
+    with dropping_prints(verbose):
+        accelerator, precision = create_accelerator(recipe.backend, recipe.data.batch_size, recipe.optimizer.clip_grad,
+                                                     recipe.faults.collective_timeout_s, recipe.optimizer.accumulate_steps)
     recipe_hashes = check_same_recipe(recipe, accelerator)
     device, cuda = accelerator.device, accelerator.device.type == "cuda"
     set_seed(recipe.seed)  # same seed on every rank: identical initial weights
