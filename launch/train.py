@@ -45,6 +45,7 @@ def _run(recipe) -> int:
     from framework.recipe.errors import print_errors
     from framework.reporting.tracking import LoggerStartError
     from framework.training.loop import Interrupted, train
+    from framework.training.precision_probe import SlowPrecision
 
     try:
         summary = train(recipe)
@@ -62,7 +63,7 @@ def _run(recipe) -> int:
             print_errors([str(err)])
         _shutdown(dist)
         return 1
-    except LoggerStartError as err:  # every process raises it; one line is enough
+    except (LoggerStartError, SlowPrecision) as err:  # every process raises it; one line is enough
         if os.environ.get("RANK", "0") == "0":
             print_errors([str(err)])
         _shutdown(dist)

@@ -200,6 +200,8 @@ class BackendConfig:
     offload_optimizer: bool = spec(False, doc="DeepSpeed, stages 1-3: optimizer state and fp32 master weights on CPU")
     offload_params: bool = spec(False, doc="DeepSpeed, stage 3: parameters on CPU")
     precision: Literal["fp32", "bf16", "fp16"] = spec("fp32", doc="DeepSpeed on CPU runs fp32 and says so")
+    slow_precision: Literal["warn", "refuse"] = spec("warn", doc="16-bit timed against fp32 before the first epoch "
+                                                      "(one image): warn, or refuse to run, where it is 3x slower or more")
     loss_scale: LossScaleConfig = spec(factory=LossScaleConfig, doc="fp16's dynamic loss scaler")
     find_unused_parameters: bool = spec(False, doc="DDP only")
 

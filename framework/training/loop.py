@@ -51,6 +51,7 @@ from framework.training.export import detached_state_dict
 from framework.training.losses import CrossEntropy, create_loss
 from framework.training.model_folder import ModelExporter, Weights, hardware
 from framework.training.models import create_model
+from framework.training.precision_probe import check_precision_speed
 from framework.training.speed import apply_speed_options
 
 
@@ -204,6 +205,8 @@ def train(recipe: Recipe) -> dict:
     if weight_notes and accelerator.is_main_process:
         print("\n".join(weight_notes), flush=True)
     model = bn_mode.convert(model, cuda)
+    if (line := check_precision_speed(model.to(device), recipe, precision, device)) and accelerator.is_main_process:
+        print(line, flush=True)  # 16-bit several times slower than fp32 here (a CPU without bf16/fp16 units)
     m = recipe.model
     apply_speed_options(model, m.channels_last, m.grad_checkpointing, m.compile_mode if m.compile else None)
     seed_process_streams(recipe.seed, accelerator.process_index)  # identical weights above, own streams below
