@@ -2,7 +2,8 @@
 
 The recipe is resolved in this process first, so bad input ends with our one-line errors and
 exit 2, before torch elastic exists to add its failure report. Then this process becomes
-`accelerate launch --config_file accelerate_config.yaml --num_processes N launch/train.py ...`
+`accelerate launch --config_file accelerate_config.yaml --num_processes N framework/entry/train.py ...`,
+with the package's own files, so an installed package runs the same way as a clone
 (exec: signals reach the launcher directly). On CPU, torch elastic gives each worker one thread
 unless OMP_NUM_THREADS is set; here each of N processes gets cores / N.
 """
@@ -14,7 +15,8 @@ import socket
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+PACKAGE = Path(__file__).resolve().parents[1]  # installed or in a clone: the entry scripts and configs ship in it
+ACCELERATE_CONFIG = PACKAGE / "configs" / "accelerate_config.yaml"  # the clone's root accelerate_config.yaml links here
 USAGE = "usage: bnswa train RECIPE.yaml [key=value | --key=value ...] [--num-processes N] [--verbose]"
 
 
@@ -45,7 +47,7 @@ def resolve_launch(num_processes: str | None, cuda_devices: int, cores: int, env
     else:
         import yaml
 
-        n = int(yaml.safe_load((ROOT / "accelerate_config.yaml").read_text())["num_processes"])
+        n = int(yaml.safe_load(ACCELERATE_CONFIG.read_text())["num_processes"])
     env = dict(env)
     if not cuda_devices and "OMP_NUM_THREADS" not in env:
         env["OMP_NUM_THREADS"] = str(max(1, cores // n))
@@ -96,10 +98,10 @@ def plan_launch(num_processes: str | None) -> tuple[int, dict] | None:
 
 
 def exec_launch(entry: str, argv: list[str], launch: tuple[int, dict]) -> int:
-    """Become `accelerate launch ... launch/<entry> ARGV` (exec: signals reach the launcher directly)."""
+    """Become `accelerate launch ... framework/entry/<entry> ARGV` (exec: signals reach the launcher directly)."""
     n, env = launch
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "accelerate_config.yaml"),
-           "--num_processes", str(n), "--main_process_port", str(_free_port()), str(ROOT / "launch" / entry), *argv]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCELERATE_CONFIG),
+           "--num_processes", str(n), "--main_process_port", str(_free_port()), str(PACKAGE / "entry" / entry), *argv]
     sys.stdout.flush()
     os.execve(sys.executable, cmd, env)
     return 0  # not reached

@@ -196,7 +196,7 @@ class LossScaleConfig:
 @dataclass(kw_only=True)
 class BackendConfig:
     type: Literal["ddp", "deepspeed"] = spec("ddp")
-    zero_stage: int = spec(0, ge=0, le=3, doc="DeepSpeed ZeRO stage: launch/deepspeed/zero<stage>.json")
+    zero_stage: int = spec(0, ge=0, le=3, doc="DeepSpeed ZeRO stage: framework/configs/deepspeed/zero<stage>.json")
     offload_optimizer: bool = spec(False, doc="DeepSpeed, stages 1-3: optimizer state and fp32 master weights on CPU")
     offload_params: bool = spec(False, doc="DeepSpeed, stage 3: parameters on CPU")
     precision: Literal["fp32", "bf16", "fp16"] = spec("fp32", doc="DeepSpeed on CPU runs fp32 and says so")

@@ -27,12 +27,13 @@ def resolve_precision(requested: str, cuda: bool, deepspeed: bool = False) -> tu
     return requested, None
 
 
-DEEPSPEED_CONFIGS = Path(__file__).resolve().parents[2] / "launch" / "deepspeed"
+# package data, so an installed package has them (the clone's launch/deepspeed links here)
+DEEPSPEED_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "deepspeed"
 
 
 def create_deepspeed_config(cfg: BackendConfig, micro_batch_size: int, clip_grad: float | None,
                             accumulate_steps: int = 1) -> dict:
-    """launch/deepspeed/zero<stage>.json with the values the recipe decides filled in."""
+    """framework/configs/deepspeed/zero<stage>.json with the values the recipe decides filled in."""
     from framework.training.amp import deepspeed_fp16_config
 
     config = json.loads((DEEPSPEED_CONFIGS / f"zero{cfg.zero_stage}.json").read_text())

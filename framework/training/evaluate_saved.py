@@ -134,7 +134,7 @@ def evaluate_saved(weights: str, recipe, recompute: bool) -> dict:
 
 
 def eval_main(argv: list[str]) -> int:
-    """The front door: check everything here (one line each, exit 2), then launch `launch/eval.py`."""
+    """The front door: check everything here (one line each, exit 2), then launch `framework/entry/eval.py`."""
     from framework.distributed.launcher import _pop_option, exec_launch, plan_launch
     from framework.recipe.cli import USER_ERROR, load_or_exit
     from framework.recipe.errors import print_errors
