@@ -3,5 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash launch/setup.sh test
-.venv/bin/ruff check framework launch tests
+.venv/bin/ruff check framework launch benchmarks studies tests
 exec .venv/bin/python -m pytest -q -p no:cacheprovider --durations=12 "$@"

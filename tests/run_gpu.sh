@@ -4,4 +4,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash launch/setup.sh test
-exec .venv/bin/python launch/gpu_suite.py "$@"
+exec .venv/bin/python benchmarks/gpu_suite.py "$@"

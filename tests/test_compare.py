@@ -67,7 +67,7 @@ def test_a_tiny_cell_of_the_fashion_mnist_grid_runs_resumes_and_keeps_the_digits
     page = tmp_path / "docs" / "RESULTS.md"
     page.parent.mkdir()
     shutil.copy(ROOT / "docs" / "RESULTS.md", page)
-    cmd = [sys.executable, str(ROOT / "launch" / "run_grid.py"), "--dataset", "fashion_mnist", "--seeds", "0", "--limit", "1",
+    cmd = [sys.executable, str(ROOT / "studies" / "run_grid.py"), "--dataset", "fashion_mnist", "--seeds", "0", "--limit", "1",
            "--out", str(tmp_path / "grid"), "--page", str(page), "--set", "data.train_subset=512", "schedule.epochs=2",
            "schedule.warmup_epochs=0", "bn.recompute_batches=4"]
     for attempt in ("first", "again"):
@@ -92,7 +92,7 @@ def test_the_grid_together_runs_swa_and_ema_as_two_averagers_of_one_run(tmp_path
     if missing_files(None):
         pytest.skip("Fashion-MNIST not installed (apt-get install dataset-fashion-mnist; .ci/run does it)")
     page = tmp_path / "docs" / "RESULTS.md"
-    cmd = [sys.executable, str(ROOT / "launch" / "run_grid.py"), "--dataset", "fashion_mnist", "--together", "--seeds", "0",
+    cmd = [sys.executable, str(ROOT / "studies" / "run_grid.py"), "--dataset", "fashion_mnist", "--together", "--seeds", "0",
            "--limit", "1", "--out", str(tmp_path / "grid"), "--page", str(page), "--set", "data.train_subset=512",
            "schedule.epochs=2", "schedule.warmup_epochs=0", "bn.recompute_batches=4"]
     proc = subprocess.run(cmd, cwd=tmp_path, env=clean_env(), capture_output=True, text=True, timeout=600)

@@ -125,7 +125,7 @@ def test_the_prefetcher_path_trains_on_real_jpegs_like_the_cpu_path(tmp_path):
     same JPEG folder: both train to the same bar; the prefetcher's batches are float on the device."""
     import sys
 
-    sys.path.insert(0, str(ROOT / "launch"))
+    sys.path.insert(0, str(ROOT / "benchmarks"))
     from bench_data import write_jpeg_folder
 
     data = write_jpeg_folder(tmp_path / "jpegs", 600, (200, 180))

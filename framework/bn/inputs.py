@@ -9,7 +9,7 @@
   augmentation), which is what the evaluated images look like.
 
 Training normalises mixed, augmented images and evaluation clean ones. Measured on the digits and
-Fashion-MNIST (`launch/measure_recompute_inputs.py`, docs/RESULTS.md), no kind beat another beyond
+Fashion-MNIST (`studies/measure_recompute_inputs.py`, docs/RESULTS.md), no kind beat another beyond
 the noise (`mixed` was never better); the default, `train`, needs no second loader.
 """
 

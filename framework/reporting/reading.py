@@ -1,4 +1,4 @@
-"""The reading of a grid (launch/run_grid.py): each answer with its number, its spread over seeds,
+"""The reading of a grid (studies/run_grid.py): each answer with its number, its spread over seeds,
 and whether it is beyond the noise.
 
 Differences are paired: two BN sources are compared on the same run (same weights), two `bn.mode`s

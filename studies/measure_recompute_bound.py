@@ -5,7 +5,7 @@ For each run: its exported averaged weights get BN statistics from the whole tra
 run's per-process size, in one process); both are evaluated on the validation set. Differences are
 paired (the same weights), with the 95% Student-t rule of framework/reporting/reading.py.
 
-  python launch/measure_recompute_bound.py runs/grid-fashion_mnist/*-b8-* [--batches 200]
+  python studies/measure_recompute_bound.py runs/grid-fashion_mnist/*-b8-* [--batches 200]
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ def main() -> int:
     parser.add_argument("runs", type=Path, nargs="+")
     parser.add_argument("--batches", type=int, default=200, help="per process, as bn.recompute_batches")
     args = parser.parse_args()
-    from measure_recompute_inputs import rebuild, top1_after_pass  # launch/ is this script's own folder
+    from measure_recompute_inputs import rebuild, top1_after_pass  # studies/ is this script's own folder
 
     from framework.reporting.reading import diff
 

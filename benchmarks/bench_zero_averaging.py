@@ -5,7 +5,7 @@ modifier_rank=0)` gathers every parameter, rank 0 lerps its full fp32 copy, and 
 re-partitions. Ours lerps each rank's fp32 master partition in place. Both run on the same
 engine, alternating (order flipped each round); bytes are measured by framework.distributed.comm_meter.
 
-  accelerate launch --config_file accelerate_config.yaml launch/bench_zero_averaging.py \
+  accelerate launch --config_file accelerate_config.yaml benchmarks/bench_zero_averaging.py \
       recipes/quickstart.yaml backend.type=deepspeed backend.zero_stage=3 [--rounds 7] [--updates 10]
 """
 

@@ -4,7 +4,7 @@ Same model (default resnet50, 25.6M parameters), alternating in one run (order f
 Prints time per update and the ratios ours / theirs (goal: at most 1.0), then the BN recompute
 pass as a fraction of one training epoch on the quickstart recipe.
 
-  python launch/bench_averaging.py [--model resnet50] [--rounds 7] [--updates 20] [--device cpu|cuda]
+  python benchmarks/bench_averaging.py [--model resnet50] [--rounds 7] [--updates 20] [--device cpu|cuda]
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ mean/std, interpolation) and the same worker count, for --rounds full passes eac
 round and the ratio framework / timm (goal: >= 1.0); then the same loaders with the decode alone
 (open, decode, one pixel to a tensor), to show how much of the time is JPEG decoding.
 
-  python launch/bench_data.py [--images 1000] [--workers 2] [--rounds 3] [--image-size 224] [--root DIR]
+  python benchmarks/bench_data.py [--images 1000] [--workers 2] [--rounds 3] [--image-size 224] [--root DIR]
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ averaged copy), then the step benchmark against the hand-written loop (bf16, and
 accumulation and channels_last) and the averaging benchmark (updates against AveragedModel and
 ModelEmaV3, recompute cost). Prints each check's outcome or figure, naming the GPU.
 
-  python launch/gpu_suite.py [--quick]
+  python benchmarks/gpu_suite.py [--quick]
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def grep(text: str, pattern: str) -> str:
 def prefetcher_ratio(work: Path) -> str:
     """`data.prefetcher` on and off: images/s of the same run on a JPEG folder (resnet50 at 224 px, RandAugment,
     random erasing), where the CPU path's normalisation and float copies weigh."""
-    sys.path.insert(0, str(ROOT / "launch"))
+    sys.path.insert(0, str(ROOT / "benchmarks"))
     from bench_data import write_jpeg_folder
 
     data = write_jpeg_folder(work / "jpegs", 4000, (320, 280))
@@ -90,7 +90,7 @@ def main() -> int:
         print(out[-3000:])
         rows += pytest_rows(xml) if xml.is_file() else [("tests/test_gpu.py", "did not run")]
     step = [str(BIN / "accelerate"), "launch", "--config_file", "accelerate_config.yaml", "--num_processes", "1",
-            "launch/bench_step.py", "recipes/bench_synthetic.yaml", *rounds, "data.image_size=160", "data.batch_size=128"]
+            "benchmarks/bench_step.py", "recipes/bench_synthetic.yaml", *rounds, "data.image_size=160", "data.batch_size=128"]
     for label, extra in (("step, bf16", ["backend.precision=bf16"]),
                          ("step, fp16 + Mixup/CutMix + accumulate 2 + channels_last",
                           ["backend.precision=fp16", "mixup.mixup_alpha=0.8", "mixup.cutmix_alpha=1.0", "loss.name=soft_ce",
@@ -99,7 +99,7 @@ def main() -> int:
         print(out[-1500:])
         rows.append((f"{label}: framework / hand-written (goal >= 0.97)", grep(out, r"hand-written: ([0-9.]+ \(median[^)]*\))")))
     rows.append(("prefetcher on / off, JPEG folder, bnswa train (goal > 1)", prefetcher_ratio(Path(tempfile.mkdtemp()))))
-    out = run([str(BIN / "python"), "launch/bench_averaging.py", "--device", "cuda", *rounds])
+    out = run([str(BIN / "python"), "benchmarks/bench_averaging.py", "--device", "cuda", *rounds])
     print(out[-2000:])
     rows.append(("SWA update: ours / AveragedModel (goal <= 1)", grep(out, r"AveragedModel\s*: ([0-9.]+)")))
     rows.append(("EMA update: ours / timm ModelEmaV3 (goal <= 1)", grep(out, r"ModelEmaV3\s*: ([0-9.]+)")))

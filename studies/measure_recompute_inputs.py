@@ -7,7 +7,7 @@ over the whole training set from each kind of input (train, mixed, eval: framewo
 and evaluates them on the validation set, one process. The same weights under three kinds of
 statistics: differences are paired, with the 95% Student-t rule of framework/reporting/reading.py.
 
-  python launch/measure_recompute_inputs.py [--dataset digits|fashion_mnist] [--seeds 0 1 2] [--out DIR]
+  python studies/measure_recompute_inputs.py [--dataset digits|fashion_mnist] [--seeds 0 1 2] [--out DIR]
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--nproc", type=int, default=2)
     args = parser.parse_args()
-    from run_grid import run_one  # launch/ is this script's own folder
+    from run_grid import run_one  # studies/ is this script's own folder
 
     from framework.reporting.reading import diff
 

@@ -4,7 +4,7 @@ Same model architecture and initial weights, same data loader and batch size, al
 in one run (the order flips every round), so machine noise hits both alike. Prints the
 throughput ratio framework / hand-written (goal: >= 0.97).
 
-  accelerate launch --config_file accelerate_config.yaml launch/bench_step.py recipes/bench_synthetic.yaml [--rounds 6] [--steps 20] [overrides]
+  accelerate launch --config_file accelerate_config.yaml benchmarks/bench_step.py recipes/bench_synthetic.yaml [--rounds 6] [--steps 20] [overrides]
 """
 
 from __future__ import annotations

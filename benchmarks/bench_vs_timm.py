@@ -7,7 +7,7 @@ epoch average after the first epoch (timm's `Train:` log line, our `summary.json
 the ratio is ours / timm's (goal: >= 1.0). timm's `train.py` is not part of this project: fetch timm's
 repository and pass the file.
 
-  python launch/bench_vs_timm.py --timm-train PATH/TO/timm/train.py [--rounds 2] [--epochs 3] [--workers 2]
+  python benchmarks/bench_vs_timm.py --timm-train PATH/TO/timm/train.py [--rounds 2] [--epochs 3] [--workers 2]
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "launch"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_data import write_jpeg_folder  # noqa: E402
 

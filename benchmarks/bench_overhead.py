@@ -4,7 +4,7 @@ The same recipe, launched with averaging off (`averaging={strategy: none}`) and 
 in one invocation (the order flips every round, so machine noise hits both alike), each launch timed
 from start to exit. Prints every round and the ratio of the medians, averaged / plain.
 
-  python launch/bench_overhead.py recipes/quickstart.yaml [--rounds 3] [--nproc 2] [overrides ...]
+  python benchmarks/bench_overhead.py recipes/quickstart.yaml [--rounds 3] [--nproc 2] [overrides ...]
 """
 
 from __future__ import annotations
