@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import yaml
-from conftest import ROOT, check_ok, clean_env, launch, read_summary
+from conftest import ROOT, check_ok, clean_env, read_summary, run_in_process
 
 from framework.reporting.wandb_file import find_run_files
 
@@ -22,10 +22,9 @@ def run_dirs(tmp_path_factory):
     dirs = {}
     for name, args in RUNS.items():
         dirs[name] = base / name
-        # small synthetic data: compare reads run files, it does not need a trained model
-        check_ok(launch([str(ROOT / "recipes" / "quickstart.yaml"), "schedule.epochs=2", "logging.wandb.mode=disabled",
-                         "data.source=synthetic", "data.synthetic_train_size=256", "data.synthetic_val_size=64",
-                         f"output.dir={dirs[name]}", *args], nproc=1, cwd=base))
+        # small synthetic data, in this process: compare reads run files, it needs no trained model or launch
+        run_in_process(["model.name=test_resnet", "schedule.epochs=2", "data.source=synthetic",
+                        "data.synthetic_train_size=256", "data.synthetic_val_size=64", f"output.dir={dirs[name]}", *args])
     return dirs
 
 

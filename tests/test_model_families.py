@@ -174,7 +174,7 @@ def test_live_training_does_not_depend_on_what_is_evaluated(train_in_process, tm
     from conftest import read_metrics
     from safetensors.torch import load_file
 
-    base = ["model.name=test_resnet", "schedule.epochs=3", "averaging.start=0.2", "averaging.swa.lr=None"]
+    base = ["model.name=test_resnet", "schedule.epochs=2", "averaging.start=0.3", "averaging.swa.lr=None"]
     runs = {}
     for name, extra in (("none", ["averaging.strategy=none"]), ("swa", ["averaging.strategy=swa", "bn.recompute_batches=3"]),
                         ("swa-all", ["averaging.strategy=swa", "bn.recompute_batches=None"])):

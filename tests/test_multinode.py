@@ -20,7 +20,7 @@ from conftest import (
 pytestmark = pytest.mark.slow
 # data.workers=auto counts each machine's cores: the two "machines" here share one machine's 2 cores, so each
 # would take a worker, and workers draw augmentation per sample where the main process draws from its streams
-ARGS = [str(ROOT / "recipes" / "quickstart.yaml"), "schedule.epochs=2", "logging.wandb.mode=disabled", "data.workers=0"]
+ARGS = [str(ROOT / "recipes" / "quickstart.yaml"), "model.name=test_resnet", "schedule.epochs=2", "logging.wandb.mode=disabled", "data.workers=0"]
 
 
 def test_two_machines_agree_with_one_machine_of_two_processes(tmp_path):

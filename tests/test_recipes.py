@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
-from conftest import ENTRY, ROOT, clean_env, launch
+from conftest import ENTRY, ROOT, launch
 
 from framework.recipe.errors import RecipeError
 from framework.recipe.resolve import parse_overrides, resolve_recipe
@@ -93,8 +91,27 @@ BAD = [
 ]
 
 
+def run_entry(argv: list[str], cwd: Path, monkeypatch, capsys) -> tuple[int, str]:
+    """The workers' entry script (launch/train.py runs it) in this process, from `cwd`: validation is all
+    that may run, so training itself is replaced by a failure. A process of its own would prove nothing
+    more; tests/test_front_door.py and tests/test_resume.py run the real processes."""
+    import framework.entry.train as entry
+
+    def no_training(recipe):
+        raise AssertionError("validation passed and training started")
+
+    monkeypatch.chdir(cwd)
+    monkeypatch.setattr(entry, "_run", no_training)
+    try:
+        code = entry.main(argv)
+    except SystemExit as stop:
+        code = stop.code
+    captured = capsys.readouterr()
+    return code, captured.err + captured.out
+
+
 @pytest.mark.parametrize("case", BAD, ids=[c[0] for c in BAD])
-def test_bad_input_gives_one_clean_line_and_writes_nothing(tmp_path, case):
+def test_bad_input_gives_one_clean_line_and_writes_nothing(tmp_path, case, monkeypatch, capsys):
     _, text, overrides, expected = case
     recipes, cwd = tmp_path / "recipes", tmp_path / "cwd"
     recipes.mkdir()
@@ -103,26 +120,25 @@ def test_bad_input_gives_one_clean_line_and_writes_nothing(tmp_path, case):
     if text is not None:
         path.write_text(text)
     out = cwd / "out"
-    proc = subprocess.run([sys.executable, str(ENTRY), str(path), *overrides, f"output.dir={out}"],
-                          cwd=cwd, env=clean_env(), capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2, proc.stderr
-    assert "Traceback" not in proc.stderr + proc.stdout
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
-    assert errors, proc.stderr
+    code, text = run_entry([str(path), *overrides, f"output.dir={out}"], cwd, monkeypatch, capsys)
+    assert code == 2, text
+    errors = [line for line in text.splitlines() if line.startswith("error: ")]
+    assert errors and len(errors) == len(text.splitlines()), text
     assert any(all(s in line for s in expected) for line in errors), errors
     assert list(cwd.iterdir()) == [], "a bad recipe must write nothing"
 
 
-def test_validate_command_prints_resolved_recipe_or_errors(tmp_path):
+def test_validate_command_prints_resolved_recipe_or_errors(tmp_path, monkeypatch, capsys):
+    from framework.__main__ import main
+
     (tmp_path / "r.yaml").write_text(GOOD)
-    ok = subprocess.run([sys.executable, "-m", "framework", "validate", str(tmp_path / "r.yaml"), "optimizer.lr=0.5"],
-                        env=clean_env(), capture_output=True, text=True, timeout=120, cwd=tmp_path)
-    assert ok.returncode == 0, ok.stderr
-    assert "lr: 0.5" in ok.stdout and "num_classes: 10" in ok.stdout
-    bad = subprocess.run([sys.executable, "-m", "framework", "validate", str(tmp_path / "r.yaml"), "optimizer.lr=-1"],
-                         env=clean_env(), capture_output=True, text=True, timeout=120, cwd=tmp_path)
-    assert bad.returncode == 2
-    assert bad.stderr.strip() == "error: optimizer.lr = -1.0: must be > 0.0"
+    monkeypatch.chdir(tmp_path)
+    assert main(["validate", str(tmp_path / "r.yaml"), "optimizer.lr=0.5"]) == 0
+    out = capsys.readouterr().out
+    assert "lr: 0.5" in out and "num_classes: 10" in out
+    with pytest.raises(SystemExit) as stop:
+        main(["validate", str(tmp_path / "r.yaml"), "optimizer.lr=-1"])
+    assert stop.value.code == 2 and capsys.readouterr().err.strip() == "error: optimizer.lr = -1.0: must be > 0.0"
 
 
 @pytest.mark.slow
@@ -142,14 +158,12 @@ def test_catalogue_is_large_enough():
 
 
 @pytest.mark.parametrize("link", ["metrics.jsonl", "checkpoints", "checkpoints/epoch-00001-sample-000000000"])
-def test_a_symlink_in_output_dir_is_refused_before_anything_is_written(tmp_path, link):
+def test_a_symlink_in_output_dir_is_refused_before_anything_is_written(tmp_path, link, monkeypatch, capsys):
     (tmp_path / "r.yaml").write_text(GOOD)
     out, outside = tmp_path / "out", tmp_path / "outside"
     outside.mkdir()
     (out / link).parent.mkdir(parents=True, exist_ok=True)
     (out / link).symlink_to(outside, target_is_directory=True)
-    proc = subprocess.run([sys.executable, str(ENTRY), str(tmp_path / "r.yaml"), f"output.dir={out}"],
-                          cwd=tmp_path, env=clean_env(), capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
-    assert f"{link} is a symbolic link" in proc.stderr and "output.dir" in proc.stderr
+    code, text = run_entry([str(tmp_path / "r.yaml"), f"output.dir={out}"], tmp_path, monkeypatch, capsys)
+    assert code == 2 and f"{link} is a symbolic link" in text and "output.dir" in text, text
     assert list(outside.iterdir()) == [] and sorted(p.name for p in out.iterdir()) == [link.split("/")[0]]

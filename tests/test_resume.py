@@ -9,7 +9,16 @@ import time
 import psutil
 import pytest
 import torch
-from conftest import REFERENCE_ARGS, check_ok, launch, read_metrics, start_launch, wait_workers
+from conftest import (
+    EVERY_UPDATE,
+    REFERENCE_ARGS,
+    check_ok,
+    launch,
+    read_metrics,
+    start_launch,
+    wait_update,
+    wait_workers,
+)
 from safetensors.torch import load_file
 
 from framework.data.loaders import ShardSampler
@@ -21,9 +30,9 @@ ARGS = REFERENCE_ARGS
 @pytest.mark.parametrize("target", ["worker", "launcher"])
 def test_sigterm_at_a_random_step_then_resume_is_bit_identical(reference_run, tmp_path, target):
     out = tmp_path / "run"
-    proc = start_launch(ARGS, out)
+    proc = start_launch(ARGS, out, EVERY_UPDATE)
     workers = wait_workers(proc)
-    time.sleep(random.Random(target).uniform(8.0, 13.0))  # somewhere in epochs 1-2 (about 8 s of start-up first)
+    wait_update(out, random.Random(target).randint(3, 40), proc)  # somewhere in epochs 1-2 (22 updates each)
     t0 = time.time()
     (workers[1] if target == "worker" else psutil.Process(proc.pid)).send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=120)
@@ -138,7 +147,7 @@ def test_sigkill_one_process_torchrun_restarts_and_resume_is_bit_identical(refer
     wanted = rng.randint(2, 6)  # kill somewhere after this many complete checkpoints
     while len(list((out / "checkpoints").glob("epoch-*/manifest.json"))) < min(wanted, 2) and time.time() < deadline:
         time.sleep(0.2)
-    time.sleep(rng.uniform(0.0, 2.0))
+    time.sleep(rng.uniform(0.0, 1.0))  # test_resnet: about 10 updates a second
     victim = next(w for w in workers if w.environ().get("RANK") == "1")
     victim.send_signal(signal.SIGKILL)
     stdout, stderr = proc.communicate(timeout=600)
@@ -154,9 +163,9 @@ def test_sigkill_one_process_torchrun_restarts_and_resume_is_bit_identical(refer
 
 def test_a_hung_process_stops_the_others_at_the_collective_timeout(tmp_path):
     out = tmp_path / "run"
-    proc = start_launch(ARGS, out, ["faults.collective_timeout_s=10"])
+    proc = start_launch(ARGS, out, ["faults.collective_timeout_s=10", *EVERY_UPDATE])
     workers = wait_workers(proc)
-    time.sleep(10)
+    wait_update(out, 5, proc)
     hung = next(w for w in workers if w.environ().get("RANK") == "1")
     other = next(w for w in workers if w is not hung)
     hung.suspend()  # SIGSTOP: alive but silent, the case gloo only notices at the timeout
@@ -174,9 +183,9 @@ def test_a_hung_process_stops_the_others_at_the_collective_timeout(tmp_path):
 
 
 def test_a_killed_process_is_named_by_the_survivor(tmp_path):
-    proc = start_launch(ARGS, tmp_path / "run")
+    proc = start_launch(ARGS, tmp_path / "run", EVERY_UPDATE)
     workers = wait_workers(proc)
-    time.sleep(10)
+    wait_update(tmp_path / "run", 5, proc)
     next(w for w in workers if w.environ().get("RANK") == "1").send_signal(signal.SIGKILL)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode != 0
@@ -190,9 +199,9 @@ def test_workers_whose_launcher_is_killed_stop_and_a_relaunch_resumes_exactly(re
     checkpoint and exit, within 30 s; the relaunch resumes from that checkpoint bit-identically."""
 
     out = tmp_path / "run"
-    proc = start_launch(ARGS, out)
+    proc = start_launch(ARGS, out, EVERY_UPDATE)
     workers = wait_workers(proc)
-    time.sleep(random.Random(5).uniform(9.0, 12.0))
+    wait_update(out, random.Random(5).randint(3, 40), proc)
     proc.send_signal(signal.SIGKILL)  # the launcher; its workers are in sessions of their own
     t0 = time.time()
     gone, alive = psutil.wait_procs(workers, timeout=30)

@@ -67,6 +67,7 @@ def test_agent_run_reaches_every_rank_and_the_logged_config(tmp_path):
     args["backend"] = {"value": sweep["parameters"]["backend"]["values"][2]}  # nested: ZeRO-3, as one argument
     args["bn.mode"] = {"value": "sync"}
     args["schedule.epochs"] = {"value": 2}  # keep the test short; the agent formats it the same way
+    args["model.name"] = {"value": "test_resnet"}
     args["logging.wandb.mode"] = {"value": "offline"}
     args["output.dir"] = {"value": str(tmp_path / "run")}
     command, env = agent_command(sweep, args, run_id="abc123xy", sweep_id="sweep42", workdir=tmp_path)

@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
 from timm.layers import BatchNormAct2d
+
+# torch 2.15 deprecates torch.distributed.nn.functional.all_gather for this one (its own FutureWarning names it);
+# the same forward and gradient (the sum of every rank's gradient for this rank's slice), on gloo too
+from torch.distributed._functional_collectives import all_gather_single_autograd
 
 
 def _global_batch_norm(bn, x: torch.Tensor) -> torch.Tensor:
@@ -27,7 +30,7 @@ def _global_batch_norm(bn, x: torch.Tensor) -> torch.Tensor:
     count = torch.full((1,), n_local, dtype=xf.dtype, device=x.device)
     # Chan et al.'s parallel combination of (count, mean, M2): exact, and needs nothing
     # else to agree across ranks (as torch's SyncBatchNorm, which all-gathers the same stats).
-    stats = torch.stack(dist_fn.all_gather(torch.cat([mean_local, m2_local, count])))
+    stats = all_gather_single_autograd(torch.cat([mean_local, m2_local, count])[None], 0, dist.group.WORLD)
     means, m2s, counts = stats[:, :c], stats[:, c:2 * c], stats[:, -1:]
     n = counts.sum()
     mean = (means * counts).sum(0) / n
