@@ -114,7 +114,7 @@ def test_secrets_stay_out_and_every_write_stays_under_output_dir(tmp_path):
     tmp.mkdir()
     env = clean_env(**SECRETS, HOME=str(home), TMPDIR=str(tmp))
     env.pop("XDG_CACHE_HOME", None)
-    proc = launch([str(ROOT / "recipes" / "quickstart.yaml"), "schedule.epochs=2", "logging.wandb.mode=offline",
+    proc = launch([str(ROOT / "recipes" / "quickstart.yaml"), "model.name=test_resnet", "schedule.epochs=2", "logging.wandb.mode=offline",
                    "checkpoint.every=1", f"output.dir={out}"], nproc=2, cwd=tmp_path, env=env)
     check_ok(proc)
     # Outside output.dir: only the shared digits cache (the bundled dataset, written once per machine)

@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from conftest import ROOT, check_ok, launch, read_summary
+from conftest import ROOT, assert_console_is_ours, check_ok, launch, read_summary
 
 pytestmark = pytest.mark.slow
 BN_SOURCES = ["initial", "swa_start", "online", "averaged", "recompute"]
@@ -155,6 +155,7 @@ def test_two_process_families(tmp_path, model, size, strategy, mode, args, has_b
     proc = launch([str(ROOT / "recipes" / "quickstart.yaml"), "logging.wandb.mode=disabled",
                    *_cell_args(out, model, size, strategy, mode), *args], nproc=2, cwd=tmp_path)
     check_ok(proc)
+    assert_console_is_ours(proc)  # bf16 SyncBN, ZeRO-3 and ZeRO-2: nothing but the framework's lines
     s = read_summary(out)
     assert s["world_size"] == 2 and s["averaging"]["updates"] > 0
     assert s["precision"] == ("bf16" if "backend.precision=bf16" in args else "fp32")  # CPU autocast under DDP

@@ -23,7 +23,7 @@ from framework.reporting.wandb_file import find_run_files, read_run
 pytestmark = pytest.mark.slow
 QUICKSTART = str(ROOT / "recipes" / "quickstart.yaml")
 QUICKSTART_BAR = 95.0  # the bar for the quickstart on digits
-SHORT_BAR = 85.0  # 3 epochs, 1 process
+SHORT_BAR = 85.0  # 3 epochs, 1 process, test_resnet (97.8% measured)
 
 
 def _two_process_quickstart(tmp_path_factory, name):
@@ -42,7 +42,7 @@ def run2(tmp_path_factory):
 @pytest.fixture(scope="module")
 def run1(tmp_path_factory):
     out = tmp_path_factory.mktemp("q1") / "run"
-    proc = launch([QUICKSTART, "schedule.epochs=3", "logging.wandb.mode=disabled",
+    proc = launch([QUICKSTART, "model.name=test_resnet", "schedule.epochs=3", "logging.wandb.mode=disabled",
                    f"output.dir={out}"], nproc=1, cwd=out.parent)
     check_ok(proc)
     return out, proc
