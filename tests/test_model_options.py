@@ -233,7 +233,7 @@ def test_a_validation_split_lacking_a_class_keeps_the_training_numbering(tmp_pat
     from framework.data.loaders import create_datasets
 
     root = _folder(tmp_path / "d", {"train": ["cat", "dog", "fish"], "val": ["cat", "fish"]})
-    r = resolve_recipe(QUICKSTART, ["data.source=folder", f"data.root={root}", "model.num_classes=3"])
+    r = resolve_recipe(QUICKSTART, ["data.source=folder", f"data.root={root}", "model.num_classes=3", "data.batch_size=1"])
     _, val = create_datasets(r.data, None, 3, 3, 0)
     assert sorted(t for _, t in val) == [0, 2]
 
@@ -244,7 +244,7 @@ def test_classes_outside_the_class_map_are_refused(tmp_path):
     assert "data.val_split = 'val': classes emu are not in the training split" in text
     (tmp_path / "classes.txt").write_text("dog\ncat\nemu\n")
     r = resolve_recipe(QUICKSTART, ["data.source=folder", f"data.root={root}", "model.num_classes=3",
-                                    f"data.class_map={tmp_path / 'classes.txt'}"])
+                                    f"data.class_map={tmp_path / 'classes.txt'}", "data.batch_size=1"])
     from framework.data.loaders import create_datasets
 
     train, val = create_datasets(r.data, None, 3, 3, 0)

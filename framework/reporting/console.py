@@ -12,6 +12,9 @@ Decided per line, by its exact text, where it is emitted (never a process-wide w
   framework's tests train each under ZeRO): a filter on the logger that emits each, for that text only.
 - DeepSpeed's "DeepSpeed ... built successfully" print when its engine starts on CPU: dropped from
   stdout while the engine starts (`dropping_prints`), every other line passing through.
+- torch's "Grad strides do not match bucket view strides" UserWarning, raised in C++ from DDP's first
+  backward (timm's CoAtNet under bf16 autocast gives a gradient a layout other than its parameter's):
+  a note on the model's memory layout that no recipe key changes; ignored by its message only.
 """
 
 from __future__ import annotations
@@ -19,13 +22,16 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import sys
+import warnings
 
 LOGGER_LINES = {
     "torch.utils.cpp_extension": ("No CUDA runtime is found",),
     "DeepSpeed": ("You are using ZeRO with an untested optimizer",),
 }
 PRINTED_LINES = ("built successfully",)
+WARNING_MESSAGES = ("Grad strides do not match bucket view strides",)
 
 
 class _DropText(logging.Filter):
@@ -43,6 +49,8 @@ def quiet_libraries(verbose: bool, cuda: bool) -> None:
         return
     if not cuda:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    for text in WARNING_MESSAGES:  # a message filter, not a category: every other warning still shows
+        warnings.filterwarnings("ignore", message=re.escape(text), category=UserWarning)
     for name, texts in LOGGER_LINES.items():
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropText) for f in logger.filters):
