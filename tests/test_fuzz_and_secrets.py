@@ -55,7 +55,7 @@ def mutated_recipes(draw):
     return data
 
 
-@settings(max_examples=1000, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@settings(max_examples=600, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 @given(data=mutated_recipes(), text_noise=st.one_of(st.none(), st.tuples(st.integers(0, 2000), st.text(max_size=3))))
 def test_fuzzed_recipes_give_only_clean_errors(tmp_path_factory, data, text_noise):
     text = yaml.safe_dump(data, sort_keys=False, allow_unicode=True)

@@ -7,6 +7,7 @@ install, and the clone is on no path the run can see."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import sysconfig
@@ -25,7 +26,8 @@ def test_a_non_editable_install_runs_a_recipe_from_outside_the_clone(tmp_path):
     site = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                                capture_output=True, text=True, check=True).stdout.strip())
     (site / "zz_dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")  # after the venv's own
-    env = {k: v for k, v in clean_env().items() if k != "PYTHONPATH"}
+    # no OMP_NUM_THREADS: the front door gives the one CPU process every core (torch elastic alone gives 1)
+    env = {k: v for k, v in clean_env().items() if k not in ("PYTHONPATH", "OMP_NUM_THREADS")}
     install = subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", str(ROOT)], cwd=tmp_path, env=env,
                              capture_output=True, text=True, timeout=600)
     check_ok(install)
@@ -45,4 +47,5 @@ def test_a_non_editable_install_runs_a_recipe_from_outside_the_clone(tmp_path):
     check_ok(run)
     s = read_summary(tmp_path / "runs" / "x")
     assert (s["status"], s["backend"], s["zero_stage"], s["world_size"]) == ("completed", "deepspeed", 1, 1)
+    assert s["threads_per_process"] == len(os.sched_getaffinity(0))
     assert (tmp_path / "runs" / "x" / "model_averaged.safetensors").is_file()

@@ -66,7 +66,8 @@ def test_agent_run_reaches_every_rank_and_the_logged_config(tmp_path):
     args = _first_grid_point(sweep)
     args["backend"] = {"value": sweep["parameters"]["backend"]["values"][2]}  # nested: ZeRO-3, as one argument
     args["bn.mode"] = {"value": "sync"}
-    args["schedule.epochs"] = {"value": 2}  # keep the test short; the agent formats it the same way
+    args["schedule.epochs"] = {"value": 1}  # keep the test short; the agent formats it the same way
+    args["schedule.warmup_epochs"] = {"value": 0}
     args["model.name"] = {"value": "test_resnet"}
     args["logging.wandb.mode"] = {"value": "offline"}
     args["output.dir"] = {"value": str(tmp_path / "run")}
