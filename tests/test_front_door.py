@@ -89,3 +89,16 @@ def test_resume_names_a_checkpoint_of_another_recipe(tmp_path, monkeypatch, caps
     assert code == 2 and len(err) == 1 and err[0].startswith(f"error: output.dir = '{tmp_path / 'old'}': checkpoint "), err
     assert "averaging = ['ema'] in the recipe, ['swa'] in the checkpoint" in err[0] and "model.name" not in err[0]
     assert not (tmp_path / "run").exists()
+
+
+def test_validation_writes_no_data(tmp_path, monkeypatch, capsys):
+    """The bundled digits are written by the first run, never by validation: a refused recipe (and the fuzz,
+    which sets data.root at random) must leave no dataset behind. The defect wrote data.root/digits-v1."""
+    cache = tmp_path / "cache"
+    code, err = front_door([QUICKSTART, f"data.root={cache}", "data.train_subset=10000000", f"output.dir={tmp_path / 'run'}"],
+                           monkeypatch, capsys)
+    assert code == 2 and "larger than the training split (1437 images)" in err[0]
+    code, err = front_door([QUICKSTART, f"data.root={cache}", "data.val_split=test", f"output.dir={tmp_path / 'run'}"],
+                           monkeypatch, capsys)
+    assert code == 2 and err == ["error: data.val_split = 'test': the digits have the splits train, val"]
+    assert list(tmp_path.iterdir()) == []

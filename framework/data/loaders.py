@@ -28,24 +28,38 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "bnswa"
 
 
+DIGITS_SPLITS = ("train", "val")
+
+
+def digits_split(targets) -> tuple:
+    """(train indices, val indices) of scikit-learn's digits: stratified, seed 0, the same on every machine."""
+    import numpy as np
+    from sklearn.model_selection import train_test_split
+
+    return train_test_split(np.arange(len(targets)), test_size=DIGITS_VAL_FRACTION, random_state=0, stratify=targets)
+
+
+def digits_folder(cache_dir: Path | None = None) -> Path:
+    """Where the digits are (or will be) written; validation reads this and writes nothing."""
+    return (cache_dir or default_cache_dir()) / f"digits-{DIGITS_VERSION}"
+
+
 def ensure_digits_folder(cache_dir: Path | None = None) -> Path:
     """Write scikit-learn's 8x8 digits once as `train/<class>/*.png` and `val/<class>/*.png`.
 
     The split is fixed (stratified, seed 0). Written to a temporary folder and renamed, so
     concurrent processes and interrupted writes never leave a half-written cache.
     """
-    root = (cache_dir or default_cache_dir()) / f"digits-{DIGITS_VERSION}"
+    root = digits_folder(cache_dir)
     if (root / "train").is_dir() and (root / "val").is_dir():
         return root
     import numpy as np
     from PIL import Image
     from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
 
     digits = load_digits()
     images = (digits.images * (255.0 / 16.0)).round().astype(np.uint8)
-    idx = np.arange(len(images))
-    train_idx, val_idx = train_test_split(idx, test_size=DIGITS_VAL_FRACTION, random_state=0, stratify=digits.target)
+    train_idx, val_idx = digits_split(digits.target)
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".digits-", dir=root.parent))
     for split, ids in (("train", train_idx), ("val", val_idx)):

@@ -33,9 +33,14 @@ def count_train_images(cfg: DataConfig) -> int:
         return len(create_timm_dataset(cfg, cfg.train_split, lambda x: x, 3))
     from timm.data import create_dataset
 
-    from framework.data.loaders import ensure_digits_folder, folder_class_map, split_path
+    from framework.data.loaders import digits_split, folder_class_map, split_path
 
-    root = ensure_digits_folder(Path(cfg.root) if cfg.root else None) if cfg.source == "digits" else Path(cfg.root)
+    if cfg.source == "digits":  # counted from the split itself: validation writes no files
+        from sklearn.datasets import load_digits
+
+        split = digits_split(load_digits().target)
+        return len(split[0] if cfg.train_split == "train" else split[1])
+    root = Path(cfg.root)
     classes = folder_class_map(root, cfg.train_split, cfg.class_map)
     return len(create_dataset("", root=str(split_path(root, cfg.train_split)), is_training=True, class_map=classes))
 

@@ -163,17 +163,22 @@ def _check_semantics(r: Recipe, errors: list[str]) -> None:
         pass
     elif d.source == "folder" and d.root is None:
         errors.append("data.root = None: source 'folder' needs an image folder with train and val splits")
-    elif d.source in ("folder", "digits"):
-        from framework.data.loaders import ensure_digits_folder, split_path
+    elif d.source == "digits":  # written at the first run (never by validation): its two splits are known
+        from framework.data.loaders import DIGITS_SPLITS
 
-        root = Path(d.root) if d.source == "folder" else ensure_digits_folder(Path(d.root) if d.root else None)
+        errors += [f"data.{key} = {getattr(d, key)!r}: the digits have the splits {', '.join(DIGITS_SPLITS)}"
+                   for key in ("train_split", "val_split") if getattr(d, key) not in DIGITS_SPLITS]
+    elif d.source == "folder":
+        from framework.data.loaders import split_path
+
+        root = Path(d.root)
         missing = False
         for split in (d.train_split, d.val_split):
             if split_path(root, split) is None:
                 missing = True
                 errors.append(f"data.root = {str(root)!r}: {root / split} not found, as a folder or as {split}.tar "
                               f"(data.{'train' if split == d.train_split else 'val'}_split = {split!r})")
-        if not missing and d.source == "folder":
+        if not missing:
             _check_classes(r, errors)
     elif d.source == "timm":
         from framework.data.timm_datasets import check_timm_dataset
