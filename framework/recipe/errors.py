@@ -7,7 +7,8 @@ class RecipeError(ValueError):
     """A recipe or override the framework refuses, with a message that names the key and what is allowed."""
 
     def __init__(self, message: str, errors: list[str] | None = None):
-        self.errors = errors or [message]
+        # one line each, whatever a key or a library's message held (a key with a newline in it, say)
+        self.errors = [line.replace("\r", "\\r").replace("\n", "\\n") for line in errors or [message]]
         super().__init__(message)
 
 
