@@ -52,6 +52,7 @@ def check_resume(recipe: Recipe, errors: list[str]) -> None:
         errors.append(f"{key} = {str(path)!r}: unreadable checkpoint manifest ({err})")
         return
     if problems := _mismatches(manifest, recipe):
-        errors.append(f"{key} = {recipe.resume if key == 'resume' else recipe.output.dir!r}: checkpoint {path.name} "
+        given = recipe.resume if key == "resume" else recipe.output.dir
+        errors.append(f"{key} = {given!r}: checkpoint {path.name} "
                       f"was written by another recipe ({'; '.join(problems)}); "
                       + ("give this recipe its own output.dir" if key == "output.dir" else "resume=never starts afresh"))
