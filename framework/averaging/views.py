@@ -7,8 +7,11 @@
   parameters (one all-gather), then the live partitions go back and are regathered again.
 - ZeRO-3: each parameter's fp32 master partition is averaged; for evaluation the averaged
   partitions are copied into the engine's own parameter partitions (`ds_tensor`) and back.
+- FSDP2: each parameter is a DTensor; its local shard (a view of the sharded fp32 parameter) is
+  averaged. For evaluation the averaged shards are copied into those views, and every unit's
+  gathered copy is freed first, so the next forward gathers the averaged shards.
 Updates are shard-local (a foreach lerp, no collective), and no process ever holds a second
-full model: the averaged state is 1/N of the fp32 model under ZeRO 1-3.
+full model: the averaged state is 1/N of the fp32 model under ZeRO 1-3 and FSDP2.
 """
 
 from __future__ import annotations
@@ -72,9 +75,33 @@ class Zero3View:
             self._release()
 
 
-def create_view(accelerator, model) -> ReplicatedView | Zero12View | Zero3View:
-    """`model` as returned by accelerator.prepare."""
+class FSDPView:
+    def __init__(self, module: torch.nn.Module):
+        from framework.distributed.fsdp import local
+
+        self.module = module
+        self.sources = [local(p) for p in module.parameters()]  # views that stay valid: FSDP2 steps in place
+
+    @contextlib.contextmanager
+    def swapped_in(self, averaged: list[torch.Tensor]):
+        from framework.distributed.fsdp import reshard
+
+        reshard(self.module)
+        try:
+            with swapped(self.sources, averaged):
+                yield
+                reshard(self.module)
+        finally:
+            reshard(self.module)
+
+
+def create_view(accelerator, model) -> ReplicatedView | Zero12View | Zero3View | FSDPView:
+    """`model` as returned by accelerator.prepare (or by framework.distributed.fsdp.shard_model)."""
+    from framework.distributed.fsdp import is_fsdp
+
     module = accelerator.unwrap_model(model)
+    if is_fsdp(module):
+        return FSDPView(module)
     engine_optimizer = getattr(model, "optimizer", None)  # a DeepSpeedEngine's ZeRO optimizer
     stage = model.zero_optimization_stage() if hasattr(model, "zero_optimization_stage") else 0
     if stage in (1, 2):

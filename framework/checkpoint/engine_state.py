@@ -32,6 +32,7 @@ def _plain(value) -> bool:
 
 class ReplicatedState:
     partitioned = False  # another world size loads rank 0's state as it is
+    sharded = False  # FSDP2's DTensors (fsdp_state.py) go through DCP instead
 
     def __init__(self, module: torch.nn.Module, optimizer, engine=None):
         self.module, self.optimizer, self.engine = module, optimizer, engine
@@ -46,6 +47,10 @@ class ReplicatedState:
 
     def buffer_names(self) -> set[str]:
         return {name for name, _ in self.module.named_buffers()}
+
+    def extra_writer(self, engine_copy: bool):
+        """What every process adds to a checkpoint folder (checkpoint.engine_copy: DeepSpeed's own copy)."""
+        return self.save_engine_checkpoint if engine_copy else None
 
     def save_engine_checkpoint(self, folder: Path) -> None:
         """DeepSpeed's own checkpoint (collective), for its tools (zero_to_fp32.py); resume never
@@ -107,9 +112,15 @@ class ZeroState(ReplicatedState):
         self._set_counters(saved["engine"])
 
 
-def create_engine_state(accelerator, model, optimizer) -> ReplicatedState:
-    """`model` and `optimizer` as returned by accelerator.prepare."""
+def create_engine_state(accelerator, model, optimizer):
+    """`model` and `optimizer` as returned by accelerator.prepare (or framework.distributed.fsdp.shard_model)."""
+    from framework.distributed.fsdp import is_fsdp
+
     module = accelerator.unwrap_model(model)
+    if is_fsdp(module):
+        from framework.checkpoint.fsdp_state import FSDPState
+
+        return FSDPState(module, optimizer)
     stage = model.zero_optimization_stage() if hasattr(model, "zero_optimization_stage") else None
     if stage is None:
         return ReplicatedState(module, optimizer)

@@ -30,7 +30,9 @@ def capture(state, engine_state, tracks: list, position: dict, epoch_stats: dict
     own = {"sources": {t.name: {n: s.state_dict() for n, s in t.sources.items()} for t in tracks}, "rng": rng,
            "position": {**position, "num_updates": state.num_updates}, "epoch_stats": epoch_stats}
     shared = {"scheduler": scheduler_state_dict(state.scheduler), "amp": state.amp.state_dict(), "records": records}
-    if engine_state.partitioned:  # ZeRO: partitions (of the averaged copy too) are each process's own
+    if engine_state.sharded:  # FSDP2: shards go through DCP (framework/checkpoint/fsdp_state.py), the rest is own
+        own = engine_state.split({**own, **engine, "averager": averager})
+    elif engine_state.partitioned:  # ZeRO: partitions (of the averaged copy too) are each process's own
         own.update(engine, averager=averager)
     else:  # replicated: weights, optimizer and averaged copy once; BN statistics can differ per process
         buffers = engine_state.buffer_names()
@@ -113,13 +115,16 @@ def resume_run(recipe, out, state, engine_state, tracks: list, accelerator) -> d
     same = old_world == world
     if same or not engine_state.partitioned:
         saved = by_track(load_rank_state(path, accelerator.process_index), tracks)  # rank 0's with fewer processes
+        if engine_state.sharded:  # FSDP2: DCP reads the shards into this world's layout
+            saved = engine_state.read(path, saved, {t.name: t.averager for t in tracks})
     else:  # ZeRO partitions: re-cut from every old process's
         sizes = [t.numel() for t in tracks[0].averager.avg.tensors()] if tracks else []
         saved = engine_state.reshard([by_track(load_rank_state(path, r), tracks) for r in range(old_world)], sizes)
     pos = saved["position"]
     restore(saved, state, engine_state, tracks, same, recipe.data.batch_size * recipe.optimizer.accumulate_steps, world)
     if accelerator.is_main_process:
-        how = "re-cut from every old process's partitions" if engine_state.partitioned else "from rank 0"
+        how = ("re-cut from every old process's partitions" if engine_state.partitioned else
+               "resharded by torch.distributed.checkpoint" if engine_state.sharded else "from rank 0")
         note = "" if same else (f"; world size {world} (was {pos['world_size']}): weights and optimizer {how}, "
                                 "the rest of the epoch's samples re-sharded")
         print(f"resumed from {choice[0]} at epoch {pos['epoch'] + 1}, sample {pos['samples_in_epoch']}{note}", flush=True)

@@ -20,6 +20,8 @@ import signal
 import torch
 import torch.distributed as dist
 
+from framework.distributed.fsdp import local
+
 
 class NonFiniteError(RuntimeError):
     pass
@@ -73,7 +75,8 @@ class StepControl:
         finite = torch.isfinite(loss.detach()).all()
         if buffers:
             finite = finite & torch.stack(torch._foreach_norm(list(buffers))).isfinite().all()
-        grads = [p.grad for p in params if p.grad is not None]
+        # FSDP2: this process's gradient shards (the flags are reduced across processes below)
+        grads = [local(p.grad) for p in params if p.grad is not None]
         if grads:
             grads_finite = torch.stack(torch._foreach_norm(grads)).isfinite().all()
             finite = finite & (grads_finite if overflow is None else grads_finite | overflow)

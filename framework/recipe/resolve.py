@@ -142,16 +142,25 @@ def _check_semantics(r: Recipe, errors: list[str]) -> None:
     b = r.backend
     if b.type == "deepspeed" and r.optimizer.clip_grad is not None and r.optimizer.clip_mode != "norm":
         errors.append(f"optimizer.clip_mode = {r.optimizer.clip_mode!r}: DeepSpeed's engine clips by norm only; use 'norm', or ddp")
-    if b.type == "ddp":
-        for key, value in (("zero_stage", b.zero_stage), ("offload_optimizer", b.offload_optimizer), ("offload_params", b.offload_params)):
+    if b.type != "deepspeed":
+        for key, value in (("zero_stage", b.zero_stage), ("offload_optimizer", b.offload_optimizer),
+                           ("offload_params", b.offload_params and b.type != "fsdp")):
             if value:
-                errors.append(f"backend.{key} = {value!r}: only with backend.type = 'deepspeed' (got 'ddp')")
+                errors.append(f"backend.{key} = {getattr(b, key)!r}: only with backend.type = 'deepspeed' (got {b.type!r})")
+    if b.type == "fsdp":
+        from framework.distributed.fsdp import fsdp_refusals
+
+        errors += fsdp_refusals(r)
+    elif not b.reshard_after_forward:
+        errors.append(f"backend.reshard_after_forward = False: only with backend.type = 'fsdp' (got {b.type!r})")
+    if b.find_unused_parameters and b.type != "ddp":
+        errors.append(f"backend.find_unused_parameters = True: DDP only (got backend.type = {b.type!r})")
     if b.loss_scale.init != 2.0 ** round(math.log2(b.loss_scale.init)):
         errors.append(f"backend.loss_scale.init = {b.loss_scale.init!r}: must be a power of two (e.g. 65536.0); "
                       "DeepSpeed takes it as one")
     if b.offload_optimizer and b.zero_stage == 0:
         errors.append("backend.offload_optimizer = True: needs backend.zero_stage 1, 2 or 3 (got 0)")
-    if b.offload_params and b.zero_stage != 3:
+    if b.offload_params and b.type == "deepspeed" and b.zero_stage != 3:
         errors.append(f"backend.offload_params = True: needs backend.zero_stage 3 (got {b.zero_stage})")
     if b.type == "deepspeed" and r.faults.nonfinite == "skip":
         errors.append("faults.nonfinite = 'skip': not under DeepSpeed, whose engine steps inside backward; use 'raise'")

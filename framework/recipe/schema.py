@@ -195,10 +195,13 @@ class LossScaleConfig:
 
 @dataclass(kw_only=True)
 class BackendConfig:
-    type: Literal["ddp", "deepspeed"] = spec("ddp")
+    type: Literal["ddp", "deepspeed", "fsdp"] = spec("ddp", doc="fsdp: torch's FSDP2 (fully_shard per timm block)")
     zero_stage: int = spec(0, ge=0, le=3, doc="DeepSpeed ZeRO stage: framework/configs/deepspeed/zero<stage>.json")
     offload_optimizer: bool = spec(False, doc="DeepSpeed, stages 1-3: optimizer state and fp32 master weights on CPU")
-    offload_params: bool = spec(False, doc="DeepSpeed, stage 3: parameters on CPU")
+    offload_params: bool = spec(False, doc="DeepSpeed stage 3, or FSDP2: parameters on CPU (FSDP2: with their "
+                                           "gradients and optimizer state, the step on CPU)")
+    reshard_after_forward: bool = spec(True, doc="FSDP2: free each block's gathered parameters after its forward "
+                                                 "(gathered again for backward): less memory, one more all-gather")
     precision: Literal["fp32", "bf16", "fp16"] = spec("fp32", doc="DeepSpeed on CPU runs fp32 and says so")
     slow_precision: Literal["warn", "refuse"] = spec("warn", doc="16-bit timed against fp32 before the first epoch "
                                                       "(one image): warn, or refuse to run, where it is 3x slower or more")

@@ -26,9 +26,15 @@ DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 class MixedPrecision:
     """DDP: torch.autocast + torch.amp.GradScaler (fp16 only)."""
 
-    def __init__(self, precision: str, device: torch.device, init_scale: float = 2.0**16, growth_interval: int = 2000):
+    def __init__(self, precision: str, device: torch.device, init_scale: float = 2.0**16, growth_interval: int = 2000,
+                 sharded: bool = False):
         self.device, self.dtype = device, DTYPES[precision]
-        self.scaler = (torch.amp.GradScaler(device.type, init_scale=init_scale, growth_interval=growth_interval)
+        # FSDP2: each process sees its gradient shards only; torch's ShardedGradScaler agrees on overflow across them
+        if sharded:
+            from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler as Scaler
+        else:
+            Scaler = torch.amp.GradScaler  # noqa: N806
+        self.scaler = (Scaler(device.type, init_scale=init_scale, growth_interval=growth_interval)
                        if precision == "fp16" else None)
 
     def autocast(self):
@@ -54,7 +60,8 @@ class MixedPrecision:
         found = sum(self.scaler._found_inf_per_device(optimizer).values())
         # A non-finite loss, or gradients that overflow even unscaled (scale <= 1), are divergence.
         # (`_scale` is the scale on the device; get_scale() would read it back to the host.)
-        return (found > 0) & torch.isfinite(loss.detach()).all() & (self.scaler._scale > 1.0)
+        # (ShardedGradScaler's flags have shape [1]: a scalar, as GradScaler's)
+        return ((found > 0) & torch.isfinite(loss.detach()).all() & (self.scaler._scale > 1.0)).reshape(())
 
     def step(self, optimizer, apply: bool) -> None:
         """Apply the update (`apply`) or not; the scaler then updates its scale either way (on the device).
@@ -114,8 +121,8 @@ def deepspeed_fp16_config(init_scale: float, growth_interval: int) -> dict:
 
 
 def create_precision(precision: str, engine, device: torch.device, init_scale: float,
-                     growth_interval: int) -> MixedPrecision:
-    """`engine`: the DeepSpeed engine (accelerator.prepare's model), or None under DDP."""
+                     growth_interval: int, sharded: bool = False) -> MixedPrecision:
+    """`engine`: the DeepSpeed engine (accelerator.prepare's model), or None under DDP and FSDP2 (`sharded`)."""
     if engine is not None:
         return EnginePrecision(precision, device, engine)
-    return MixedPrecision(precision, device, init_scale, growth_interval)
+    return MixedPrecision(precision, device, init_scale, growth_interval, sharded)

@@ -122,6 +122,10 @@ def create_accelerator(cfg: BackendConfig, micro_batch_size: int, clip_grad: flo
         if note and accelerator.is_main_process:
             print(f"note: {note}", flush=True)
         return accelerator, precision
+    if cfg.type == "fsdp":  # the framework shards the model itself (framework/distributed/fsdp.py), on CPU and GPU
+        from framework.distributed.fsdp import init_fsdp_group
+
+        init_fsdp_group(cuda, timeout_s)
     # On a CPU machine a plain Accelerator under a multi-process launch tells every rank it is
     # rank 0 of 1; cpu=True gives MULTI_CPU over gloo with real ranks.
     pg = InitProcessGroupKwargs(timeout=timedelta(seconds=timeout_s))

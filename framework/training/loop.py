@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ from framework.data.loaders import create_datasets, create_loaders, resolve_run_
 from framework.data.mixup import MixupStream, create_mixup
 from framework.data.sampling import seed_process_streams
 from framework.distributed.faults import StepControl
+from framework.distributed.fsdp import gradient_sync, shard_model
 from framework.recipe.resolve import recipe_to_dict
 from framework.recipe.schema import Recipe
 from framework.reporting.console import dropping_prints, quiet_libraries
@@ -146,7 +146,7 @@ def train_one_epoch(state: TrainState, loader, max_steps: int | None = None, pro
         if state.mixup is not None:
             images, targets = state.mixup(images, targets, state.epoch)
         # inner batches skip DDP's gradient all-reduce: it runs once, on the update's last backward
-        with contextlib.nullcontext() if micro == group else acc.no_sync(model):
+        with gradient_sync(acc, model, micro == group):
             with amp.autocast():
                 loss = state.loss_fn(model(images), targets)
             amp.backward(acc, loss / group, last=micro == group)
@@ -207,8 +207,11 @@ def train(recipe: Recipe) -> dict:
     model = bn_mode.convert(model, cuda)
     if (line := check_precision_speed(model.to(device), recipe, precision, device)) and accelerator.is_main_process:
         print(line, flush=True)  # 16-bit several times slower than fp32 here (a CPU without bf16/fp16 units)
-    m = recipe.model
-    apply_speed_options(model, m.channels_last, m.grad_checkpointing, m.compile_mode if m.compile else None)
+    m, fsdp = recipe.model, recipe.backend.type == "fsdp"
+    compile_mode = m.compile_mode if m.compile else None
+    apply_speed_options(model, m.channels_last, m.grad_checkpointing, None if fsdp else compile_mode)
+    if fsdp:  # per block, in place (compiled per block too); Accelerate wraps nothing (framework/distributed/fsdp.py)
+        shard_model(model, precision, recipe.backend.reshard_after_forward, recipe.backend.offload_params, compile_mode)
     seed_process_streams(recipe.seed, accelerator.process_index)  # identical weights above, own streams below
     pretrained = recipe.model.pretrained or recipe.model.pretrained_file is not None
     pipeline = resolve_run_pipeline(recipe.data, model, recipe.model.in_chans, pretrained)
@@ -221,7 +224,8 @@ def train(recipe: Recipe) -> dict:
         raise SystemExit(f"data.batch_size = {recipe.data.batch_size}: larger than this process's shard "
                          f"({len(loaders.train_sampler)} images); lower it or use fewer processes")
     optimizer = create_optimizer(recipe.optimizer, model, recipe.data.batch_size * accelerator.num_processes)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    if not fsdp:
+        model, optimizer = accelerator.prepare(model, optimizer)
     module = accelerator.unwrap_model(model)  # evaluation and BN passes run without DDP's collectives
     dtype = next(module.parameters()).dtype
     accumulate = recipe.optimizer.accumulate_steps
@@ -233,7 +237,7 @@ def train(recipe: Recipe) -> dict:
     live_bn = bn_buffers(module)
     scale = recipe.backend.loss_scale
     engine = model if recipe.backend.type == "deepspeed" else None
-    amp = create_precision(precision, engine, device, scale.init, scale.growth_interval)
+    amp = create_precision(precision, engine, device, scale.init, scale.growth_interval, sharded=fsdp)
     clip = create_grad_clipper(recipe.optimizer, recipe.backend.type == "deepspeed")
     state = TrainState(model, optimizer, scheduler, accelerator, clip, dtype, [t.averager for t in tracks],
                        updates_per_epoch, live_bn, amp=amp, accumulate_steps=accumulate, loss_fn=create_loss(recipe.loss, recipe.mixup.active),
@@ -269,7 +273,7 @@ def train(recipe: Recipe) -> dict:
         samples = base["samples"] + (in_epoch - base["steps"]) * batch * world if stats else 0
         position = {"epoch": epoch, "samples_in_epoch": samples, "step_in_epoch": in_epoch, "world_size": world}
         own, shared = capture(state, engine_state, tracks, position, stats, records)
-        extra = engine_state.save_engine_checkpoint if ckpt.engine_copy else None
+        extra = engine_state.extra_writer(ckpt.engine_copy)
         path = save_checkpoint(out / "checkpoints", checkpoint_tag(epoch, samples), own, accelerator.process_index,
                                world, ckpt.keep, {**position, "recipe": fingerprint}, shared=shared if accelerator.is_main_process else None,
                                write_extra=extra)
