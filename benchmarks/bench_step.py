@@ -41,7 +41,9 @@ def hand_written_steps(model, optimizer, accelerator, loader, steps: int, autoca
         if mixup is not None:
             images, targets = mixup(images, targets)
         last = (i + 1) % accumulate == 0
-        with contextlib.nullcontext() if last else accelerator.no_sync(model):
+        if hasattr(model, "set_requires_gradient_sync"):  # FSDP2's switch for its reduce-scatter
+            model.set_requires_gradient_sync(last)
+        with contextlib.nullcontext() if last or hasattr(model, "set_requires_gradient_sync") else accelerator.no_sync(model):
             with autocast():
                 loss = loss_fn(model(images), targets) / accumulate
             accelerator.backward(loss if scaler is None else scaler.scale(loss))
@@ -95,17 +97,24 @@ def main() -> int:
     set_seed(recipe.seed)
     ours, _ = create_model(recipe.model, recipe.data.image_size)
     theirs = copy.deepcopy(ours)
-    m = recipe.model
-    apply_speed_options(ours, m.channels_last, m.grad_checkpointing, m.compile_mode if m.compile else None)
+    m, fsdp = recipe.model, recipe.backend.type == "fsdp"
+    compile_mode = m.compile_mode if m.compile else None
+    apply_speed_options(ours, m.channels_last, m.grad_checkpointing, None if fsdp else compile_mode)
     if m.channels_last:
         theirs = theirs.to(memory_format=torch.channels_last)
+    if fsdp:  # both sharded alike, per timm block (framework/distributed/fsdp.py)
+        from framework.distributed.fsdp import shard_model
+
+        for model in (ours.to(accelerator.device), theirs.to(accelerator.device)):
+            shard_model(model, precision, recipe.backend.reshard_after_forward, recipe.backend.offload_params, compile_mode)
     train_ds, val_ds = create_datasets(recipe.data, ours, recipe.model.num_classes, recipe.model.in_chans, recipe.seed)
     loaders = create_loaders(recipe.data, train_ds, val_ds, accelerator.process_index, accelerator.num_processes,
                              recipe.seed, pin_memory=accelerator.device.type == "cuda")
     global_batch = recipe.data.batch_size * accelerator.num_processes
     opt_ours = create_optimizer(recipe.optimizer, ours, global_batch)
     opt_theirs = create_optimizer(recipe.optimizer, theirs, global_batch)
-    ours, opt_ours, theirs, opt_theirs = accelerator.prepare(ours, opt_ours, theirs, opt_theirs)
+    if not fsdp:
+        ours, opt_ours, theirs, opt_theirs = accelerator.prepare(ours, opt_ours, theirs, opt_theirs)
     # the framework's step as training runs it: with the recipe's averaging and its BN sources listening
     view = create_view(accelerator, ours)
     accumulate = recipe.optimizer.accumulate_steps
@@ -120,8 +129,8 @@ def main() -> int:
     their_mixup = create_mixup(recipe.mixup, recipe.loss, m.num_classes, recipe.seed + 1, accelerator.process_index)
     their_loss = create_loss(recipe.loss, recipe.mixup.active)
     engine, scale = ours if recipe.backend.type == "deepspeed" else None, recipe.backend.loss_scale
-    state.amp = create_precision(precision, engine, accelerator.device, scale.init, scale.growth_interval)
-    plain = create_precision(precision, None, accelerator.device, scale.init, scale.growth_interval)
+    state.amp = create_precision(precision, engine, accelerator.device, scale.init, scale.growth_interval, fsdp)
+    plain = create_precision(precision, None, accelerator.device, scale.init, scale.growth_interval, fsdp)
     steps = min(args.steps, len(loaders.train))
     steps -= steps % accumulate  # whole updates only, in both loops
     images_per_block = steps * recipe.data.batch_size * accelerator.num_processes

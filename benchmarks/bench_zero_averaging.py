@@ -1,12 +1,14 @@
-"""Benchmark: shard-local averaging under ZeRO-3 against gather-then-average.
+"""Benchmark: shard-local averaging under ZeRO-3 or FSDP2 against gather-then-average.
 
 Gather-then-average is the common recipe: `deepspeed.zero.GatheredParameters(params,
 modifier_rank=0)` gathers every parameter, rank 0 lerps its full fp32 copy, and the exit
-re-partitions. Ours lerps each rank's fp32 master partition in place. Both run on the same
+re-partitions (under FSDP2: `DTensor.full_tensor()` per parameter). Ours lerps each rank's fp32
+master partition (FSDP2: local shard) in place. Both run on the same
 engine, alternating (order flipped each round); bytes are measured by framework.distributed.comm_meter.
 
   accelerate launch --config_file accelerate_config.yaml benchmarks/bench_zero_averaging.py \
       recipes/quickstart.yaml backend.type=deepspeed backend.zero_stage=3 [--rounds 7] [--updates 10]
+  (or backend.type=fsdp)
 """
 
 from __future__ import annotations
@@ -29,10 +31,10 @@ def main() -> int:
     from framework.recipe.cli import load_or_exit
 
     recipe = load_or_exit(rest, quiet_rank=os.environ.get("LOCAL_RANK", "0") != "0")
-    if recipe.backend.type != "deepspeed" or recipe.backend.zero_stage != 3:
-        raise SystemExit("error: this benchmark needs backend.type=deepspeed backend.zero_stage=3")
+    fsdp = recipe.backend.type == "fsdp"
+    if not fsdp and (recipe.backend.type != "deepspeed" or recipe.backend.zero_stage != 3):
+        raise SystemExit("error: this benchmark needs backend.type=fsdp, or deepspeed with backend.zero_stage=3")
 
-    import deepspeed
     import torch
     import torch.distributed as dist
 
@@ -45,21 +47,33 @@ def main() -> int:
     from framework.training.models import create_model
 
     model, _ = create_model(recipe.model, recipe.data.image_size)
-    optimizer = create_optimizer(recipe.optimizer, model, recipe.data.batch_size * accelerator.num_processes)
-    engine, _ = accelerator.prepare(model, optimizer)
+    if fsdp:
+        from framework.distributed.fsdp import shard_model
+
+        engine = shard_model(model.to(accelerator.device), "fp32", True, False)
+    else:
+        optimizer = create_optimizer(recipe.optimizer, model, recipe.data.batch_size * accelerator.num_processes)
+        engine, _ = accelerator.prepare(model, optimizer)
     module = accelerator.unwrap_model(engine)
     params = list(module.parameters())
     rank0 = accelerator.is_main_process
 
     ours = WeightAverager(create_rule("ema", AVERAGERS["ema"].Options(decay=0.999)), create_view(accelerator, engine).sources,
                           start_step=1, every_steps=1, offload=False)
-    full = [torch.zeros(p.ds_shape, dtype=torch.float32) for p in params] if rank0 else []
+    full = [torch.zeros(p.shape if fsdp else p.ds_shape, dtype=torch.float32) for p in params] if rank0 else []
     steps = iter(range(1, 10**9))
 
     def update_ours():
         ours.maybe_update(next(steps))
 
     def update_gathered():
+        if fsdp:
+            whole = [p.full_tensor() for p in params]  # every process gathers (a collective per parameter)
+            if rank0:
+                torch._foreach_lerp_(full, [w.detach().float() for w in whole], 0.001)
+            return
+        import deepspeed
+
         with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
             if rank0:
                 torch._foreach_lerp_(full, [p.detach().float() for p in params], 0.001)
@@ -84,8 +98,9 @@ def main() -> int:
     t = {k: accelerator.reduce(torch.tensor(statistics.median(v)), "max").item() for k, v in times.items()}
     b = {k: m.bytes / n_updates for k, m in meters.items()}
     if rank0:
-        numel = sum(p.ds_numel for p in params)
-        print(f"{recipe.model.name}: {numel / 1e6:.1f}M parameters, ZeRO-3, {accelerator.num_processes} processes on "
+        numel = sum(p.numel() if fsdp else p.ds_numel for p in params)
+        print(f"{recipe.model.name}: {numel / 1e6:.1f}M parameters, {'FSDP2' if fsdp else 'ZeRO-3'}, "
+              f"{accelerator.num_processes} processes on "
               f"{accelerator.device.type}; averaged state per process: ours {ours.avg.nbytes() / 2**20:.1f} MiB, "
               f"gather-then-average {4 * numel / 2**20:.1f} MiB on rank 0")
         for k in fns:

@@ -1,9 +1,10 @@
 """The GPU suite: what CPU cannot show, in one table to paste into docs/RESULTS.md (run by tests/run_gpu.sh).
 
 Runs tests/test_gpu.py (SyncBatchNorm over NCCL against BN over the concatenated batch, bf16 and fp16
-with overflows and averaging, ZeRO-3 bf16 shard-local averaging against DDP, the pinned offloaded
-averaged copy), then the step benchmark against the hand-written loop (bf16, and fp16 with Mixup,
-accumulation and channels_last) and the averaging benchmark (updates against AveragedModel and
+with overflows and averaging, ZeRO-2/3 and FSDP2 shard-local averaging against DDP in bf16 and fp16,
+the pinned offloaded averaged copy), then the step benchmark against the hand-written loop on each
+engine (DDP, ZeRO-2, ZeRO-3, FSDP2 in bf16; FSDP2 in fp16; DDP fp16 with Mixup, accumulation and
+channels_last) and the averaging benchmark (updates against AveragedModel and
 ModelEmaV3, recompute cost). Prints each check's outcome or figure, naming the GPU.
 
   python benchmarks/gpu_suite.py [--quick]
@@ -91,8 +92,12 @@ def main() -> int:
         rows += pytest_rows(xml) if xml.is_file() else [("tests/test_gpu.py", "did not run")]
     step = [str(BIN / "accelerate"), "launch", "--config_file", "accelerate_config.yaml", "--num_processes", "1",
             "benchmarks/bench_step.py", "recipes/bench_synthetic.yaml", *rounds, "data.image_size=160", "data.batch_size=128"]
-    for label, extra in (("step, bf16", ["backend.precision=bf16"]),
-                         ("step, fp16 + Mixup/CutMix + accumulate 2 + channels_last",
+    engines = {"DDP": [], "ZeRO-2": ["backend.type=deepspeed", "backend.zero_stage=2"],
+               "ZeRO-3": ["backend.type=deepspeed", "backend.zero_stage=3"], "FSDP2": ["backend.type=fsdp"]}
+    steps = [(f"step, {name}, bf16", ["backend.precision=bf16", *extra]) for name, extra in engines.items()]
+    steps.append(("step, FSDP2, fp16", ["backend.precision=fp16", "backend.type=fsdp"]))
+    for label, extra in (*steps,
+                         ("step, DDP, fp16 + Mixup/CutMix + accumulate 2 + channels_last",
                           ["backend.precision=fp16", "mixup.mixup_alpha=0.8", "mixup.cutmix_alpha=1.0", "loss.name=soft_ce",
                            "optimizer.accumulate_steps=2", "model.channels_last=true"])):
         out = run([*step, *extra])

@@ -64,6 +64,27 @@ def test_zero3_bf16_averaging_is_shard_local_and_matches_ddp_bf16(tmp_path):
     assert abs(zero["eval"]["averaged"]["recompute"]["top1"] - ddp["eval"]["averaged"]["recompute"]["top1"]) <= 2.0
 
 
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_fsdp_and_zero2_averaging_is_shard_local_and_matches_ddp(tmp_path, precision):
+    """FSDP2 (16-bit gathers, fp32 reductions and master shards, BN units in fp32) and ZeRO-2 against DDP's
+    autocast in the same precision: 1/N of the fp32 averaged copy per process, nothing sent per update."""
+    runs = {}
+    engines = {"ddp": [], "fsdp": ["backend.type=fsdp"], "zero2": ["backend.type=deepspeed", "backend.zero_stage=2"]}
+    for name, extra in engines.items():
+        out = tmp_path / name
+        check_ok(launch([QUICKSTART, f"backend.precision={precision}", "schedule.epochs=4", "logging.wandb.mode=disabled",
+                         *extra, f"output.dir={out}"], nproc=_gpus(), cwd=tmp_path))
+        runs[name] = read_summary(out)
+    ddp = runs["ddp"]
+    for name in ("fsdp", "zero2"):
+        s = runs[name]
+        assert (s["precision"], s["device"]) == (precision, "cuda")
+        assert s["throughput"]["averaging_state_bytes_per_process"] == pytest.approx(
+            ddp["throughput"]["averaging_state_bytes_per_process"] / s["world_size"], rel=0.01)
+        assert s["throughput"]["averaging_comm_bytes_per_update"] == 0
+        assert abs(s["eval"]["averaged"]["recompute"]["top1"] - ddp["eval"]["averaged"]["recompute"]["top1"]) <= 2.0, name
+
+
 def test_offloaded_averaged_copy_matches_the_device_copy(tmp_path):
     """averaging.offload: the fp32 averaged copy in pinned CPU memory, fed by async copies, averages the same
     weights as the on-device copy (the same run otherwise; cuDNN's own nondeterminism is the tolerance)."""

@@ -146,10 +146,15 @@ LAUNCHES = [  # what in-process runs cannot show: gloo SyncBatchNorm across 2 pr
     ("test_coatnet", 64, "swa", "sync", ["backend.precision=bf16"], True),
     ("test_vit", 48, "ema", "reduce", ["backend.type=deepspeed", "backend.zero_stage=3"], False),
     ("test_efficientnet", 32, "swa", "local", ["backend.type=deepspeed", "backend.zero_stage=2"], True),
+    # FSDP2: a BN family in bf16 (BN units kept fp32), a LayerNorm one in fp16 (ShardedGradScaler), the hybrid
+    ("test_efficientnet", 32, "ema", "sync", ["backend.type=fsdp", "backend.precision=bf16"], True),
+    ("test_convnext", 32, "swa", "local", ["backend.type=fsdp", "backend.precision=fp16"], False),
+    ("test_coatnet", 64, "ema", "reduce", ["backend.type=fsdp", "backend.precision=bf16", "model.grad_checkpointing=true"], True),
 ]
 
 
-@pytest.mark.parametrize("model,size,strategy,mode,args,has_bn", LAUNCHES, ids=["ddp-bf16-coatnet", "zero3-vit", "zero2-efficientnet"])
+@pytest.mark.parametrize("model,size,strategy,mode,args,has_bn", LAUNCHES, ids=[
+    "ddp-bf16-coatnet", "zero3-vit", "zero2-efficientnet", "fsdp-bf16-efficientnet", "fsdp-fp16-convnext", "fsdp-bf16-coatnet"])
 def test_two_process_families(tmp_path, model, size, strategy, mode, args, has_bn):
     out = tmp_path / "run"
     proc = launch([str(ROOT / "recipes" / "quickstart.yaml"), "logging.wandb.mode=disabled",
@@ -158,7 +163,10 @@ def test_two_process_families(tmp_path, model, size, strategy, mode, args, has_b
     assert_console_is_ours(proc)  # bf16 SyncBN, ZeRO-3 and ZeRO-2: nothing but the framework's lines
     s = read_summary(out)
     assert s["world_size"] == 2 and s["averaging"]["updates"] > 0
-    assert s["precision"] == ("bf16" if "backend.precision=bf16" in args else "fp32")  # CPU autocast under DDP
+    wanted = next((a.split("=")[1] for a in args if a.startswith("backend.precision=")), "fp32")
+    assert s["precision"] == wanted  # CPU autocast under DDP and FSDP2
+    if "backend.type=fsdp" in args:
+        assert s["backend"] == "fsdp" and s["throughput"]["averaging_comm_bytes_per_update"] == 0
     assert list(s["eval"]["averaged"]) == (BN_SOURCES if has_bn else ["none"])
     digests = s["averaging"]["recompute_bn_sha256_per_rank"]
     assert len(digests) == 2 and digests[0] == digests[1]
