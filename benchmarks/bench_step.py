@@ -90,23 +90,22 @@ def main() -> int:
     from framework.training.loop import TrainState, train_one_epoch
     from framework.training.losses import create_loss
     from framework.training.models import create_model
-    from framework.training.speed import apply_speed_options
+    from framework.training.speed import apply_model_options
 
     accelerator, precision = create_accelerator(recipe.backend, recipe.data.batch_size, recipe.optimizer.clip_grad,
                                                 recipe.faults.collective_timeout_s, recipe.optimizer.accumulate_steps)
     set_seed(recipe.seed)
     ours, _ = create_model(recipe.model, recipe.data.image_size)
     theirs = copy.deepcopy(ours)
-    m, fsdp = recipe.model, recipe.backend.type == "fsdp"
-    compile_mode = m.compile_mode if m.compile else None
-    apply_speed_options(ours, m.channels_last, m.grad_checkpointing, None if fsdp else compile_mode)
+    m = recipe.model
+    fsdp = apply_model_options(ours.to(accelerator.device), m, recipe.backend, precision)  # as training does
     if m.channels_last:
         theirs = theirs.to(memory_format=torch.channels_last)
-    if fsdp:  # both sharded alike, per timm block (framework/distributed/fsdp.py)
+    if fsdp:  # the same FSDP2 units (one fully_shard per timm block), applied to the hand-written loop's copy
         from framework.distributed.fsdp import shard_model
 
-        for model in (ours.to(accelerator.device), theirs.to(accelerator.device)):
-            shard_model(model, precision, recipe.backend.reshard_after_forward, recipe.backend.offload_params, compile_mode)
+        shard_model(theirs.to(accelerator.device), precision, recipe.backend.reshard_after_forward,
+                    recipe.backend.offload_params, m.compile_mode if m.compile else None)
     train_ds, val_ds = create_datasets(recipe.data, ours, recipe.model.num_classes, recipe.model.in_chans, recipe.seed)
     loaders = create_loaders(recipe.data, train_ds, val_ds, accelerator.process_index, accelerator.num_processes,
                              recipe.seed, pin_memory=accelerator.device.type == "cuda")

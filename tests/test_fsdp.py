@@ -35,7 +35,9 @@ STATS = ("running_mean", "running_var")
 @pytest.fixture(scope="module")
 def fsdp_run(tmp_path_factory) -> tuple:
     out = tmp_path_factory.mktemp("fsdp") / "run"
-    proc = launch([*REFERENCE_ARGS, *FSDP, *CKPT, f"output.dir={out}"], nproc=2, cwd=out.parent)
+    # export.best adds the best epoch's averaged weights, gathered mid-run; training is the same as without it
+    proc = launch([*REFERENCE_ARGS, *FSDP, *CKPT, "export.best=eval/averaged/recompute/top1", f"output.dir={out}"],
+                  nproc=2, cwd=out.parent)
     check_ok(proc)
     return out, proc
 
@@ -78,13 +80,16 @@ def test_fsdp_matches_ddp_with_sync_bn_and_swa(reference_run, fsdp_run):
     assert len(digests) == 2 and digests[0] == digests[1]  # the pass is identical on every rank
     import timm
 
-    timm.create_model("test_resnet", num_classes=10, checkpoint_path=str(out / "model_averaged.safetensors"))
+    for name in ("model_averaged", "model_best"):
+        timm.create_model("test_resnet", num_classes=10, checkpoint_path=str(out / f"{name}.safetensors"))
 
 
 def test_fsdp_matches_ddp_on_test_vit_with_ema_accumulation_and_clipping(tmp_path):
-    """LayerNorm, EMA, 2 batches per update (no reduce-scatter on the inner one) and norm clipping over the shards."""
+    """LayerNorm, EMA (its fp32 copy offloaded), 2 batches per update (no reduce-scatter on the inner one), norm
+    clipping over the shards, and layer decay (timm's parameter groups by name, on the sharded model)."""
     args = [*REFERENCE_ARGS, "model.name=test_vit", "data.image_size=48",
-            "averaging.strategy=ema", "optimizer.accumulate_steps=2", "optimizer.clip_grad=0.5", "optimizer.lr=0.05"]
+            "averaging.strategy=ema", "optimizer.accumulate_steps=2", "optimizer.clip_grad=0.5", "optimizer.lr=0.05",
+            "optimizer.layer_decay=0.75", "averaging.offload=true"]
     runs = {}
     for name, extra in (("ddp", []), ("fsdp", FSDP)):
         runs[name] = tmp_path / name

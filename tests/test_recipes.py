@@ -82,6 +82,16 @@ BAD = [
     ("override-out-of-range", GOOD, ["data.batch_size=0"], ["data.batch_size = 0", "must be >= 1"]),
     ("zero-stage-with-ddp", GOOD + "backend: {type: ddp, zero_stage: 2}\n", [], ["backend.zero_stage = 2", "only with backend.type = 'deepspeed'"]),
     ("zero-stage-out-of-range", GOOD, ["backend.type=deepspeed", "backend.zero_stage=4"], ["backend.zero_stage = 4", "must be <= 3"]),
+    ("fsdp-norm-per-tensor-optimizer", GOOD, ["backend.type=fsdp", "optimizer.name=lamb"],
+     ["optimizer.name = 'lamb'", "not under backend.type = 'fsdp'", "choose one of sgd"]),
+    ("fsdp-agc", GOOD, ["backend.type=fsdp", "optimizer.clip_grad=0.01", "optimizer.clip_mode=agc"],
+     ["optimizer.clip_mode = 'agc'", "unit-wise norm of a sharded vector"]),
+    ("fsdp-channels-last", GOOD, ["backend.type=fsdp", "model.channels_last=true"], ["model.channels_last = True", "NHWC"]),
+    ("fsdp-zero-stage", GOOD, ["backend.type=fsdp", "backend.zero_stage=3"], ["backend.zero_stage = 3", "(got 'fsdp')"]),
+    ("fsdp-engine-copy", GOOD, ["backend.type=fsdp", "checkpoint.engine_copy=true"], ["checkpoint.engine_copy = True", "DeepSpeed only"]),
+    ("reshard-without-fsdp", GOOD, ["backend.reshard_after_forward=false"], ["backend.reshard_after_forward = False", "only with backend.type = 'fsdp'"]),
+    ("unused-parameters-outside-ddp", GOOD, ["backend.type=fsdp", "backend.find_unused_parameters=true"],
+     ["backend.find_unused_parameters = True", "DDP only"]),
     ("offload-params-needs-zero3", GOOD + "backend: {type: deepspeed, zero_stage: 2, offload_params: true}\n", [],
      ["backend.offload_params = True", "needs backend.zero_stage 3"]),
     ("unknown-averaging", GOOD + "averaging: {strategy: polyak}\n", [], ["averaging.strategy = 'polyak'", "choices are 'none', 'swa', 'ema'"]),
@@ -167,3 +177,15 @@ def test_a_symlink_in_output_dir_is_refused_before_anything_is_written(tmp_path,
     code, text = run_entry([str(tmp_path / "r.yaml"), f"output.dir={out}"], tmp_path, monkeypatch, capsys)
     assert code == 2 and f"{link} is a symbolic link" in text and "output.dir" in text, text
     assert list(outside.iterdir()) == [] and sorted(p.name for p in out.iterdir()) == [link.split("/")[0]]
+
+
+def test_an_error_line_stays_one_line_whatever_characters_a_key_holds(capsys):
+    """The fuzz found a model.kwargs key with a character str.splitlines() splits on (not only \\n): every
+    such character is printed as its escape."""
+    from framework.recipe.errors import RecipeError, print_errors
+
+    odd = "".join(chr(c) for c in (0x0A, 0x0B, 0x0C, 0x0D, 0x1C, 0x1D, 0x1E, 0x85, 0x2028, 0x2029))
+    print_errors([f"model.kwargs.{odd} = 1: not a keyword", *RecipeError("x", [f"k{odd}"]).errors])
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 2 and all(line.startswith("error: ") for line in lines), lines
+    assert "\\x85" in lines[0] and "\\u2028" in lines[1]

@@ -52,10 +52,12 @@ class FSDPState:
                 "optimizer": get_optimizer_state_dict(self.module, self.optimizer)}  # creates empty state on a fresh one
 
     def _averaged(self, tensors: list[torch.Tensor]) -> dict:
-        """An averager's local shards as DTensors laid out like their parameters (so DCP can reshard them)."""
+        """An averager's local shards as DTensors laid out like their parameters (so DCP can reshard them). An
+        offloaded average (averaging.offload) is copied to the parameter's device for this; `read` copies it back."""
         from torch.distributed.tensor import DTensor
 
-        return {name: DTensor.from_local(t, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
+        return {name: DTensor.from_local(t.to(p.to_local().device), p.device_mesh, p.placements, run_check=False,
+                                         shape=p.shape, stride=p.stride())
                 for name, p, t in zip(self.names, self.params, tensors, strict=True)}
 
     def state_dict(self) -> dict:
@@ -76,10 +78,16 @@ class FSDPState:
     def write_extra(self, folder: Path) -> None:
         """Collective: every process writes its shards."""
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint import HuggingFaceStorageWriter
+        from torch.distributed.checkpoint import CheckpointException, HuggingFaceStorageWriter
 
-        dcp.save(self._tensors, storage_writer=HuggingFaceStorageWriter(str(folder / DCP_FOLDER), save_distributed=True))
-        self._tensors = {}
+        try:
+            dcp.save(self._tensors, storage_writer=HuggingFaceStorageWriter(str(folder / DCP_FOLDER), save_distributed=True))
+        except CheckpointException as err:  # every process gets it: the store's one-line error (a full disk) follows
+            failures = [f[0] if isinstance(f, tuple) else f for f in err.failures.values()]
+            first = failures[0] if failures else err
+            raise OSError(f"torch.distributed.checkpoint: {type(first).__name__}: {first}") from err
+        finally:
+            self._tensors = {}
 
     def read(self, path: Path, saved: dict, averagers: dict) -> dict:
         """Collective: `saved` (a process's JSON part) with its tensors read from `path/dcp` into this run's
@@ -87,7 +95,7 @@ class FSDPState:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint import HuggingFaceStorageReader
 
-        live = {"params": self._live()["params"], "optimizer": self._live()["optimizer"]}
+        live = self._live()
         targets: dict = {}
         for key in ("params", "optimizer"):
             _split(live[key], key, targets)

@@ -49,14 +49,36 @@ def _common_prefix(names: list[str]) -> str:
     return ".".join(prefix)
 
 
+_CONTAINERS = (torch.nn.Sequential, torch.nn.ModuleList, torch.nn.ModuleDict)
+
+
+def _called(model: torch.nn.Module, name: str) -> list[str]:
+    """FSDP2 gathers in a unit's forward hooks, so a unit must be a module that is called: a list or dict is
+    never called, and timm's gradient checkpointing (`checkpoint_seq`) calls a Sequential's children one by
+    one. Such a container gives its children instead."""
+    module = model.get_submodule(name)
+    if not isinstance(module, _CONTAINERS):
+        return [name]
+    return [n for child, m in module.named_children() if any(True for _ in m.parameters())
+            for n in _called(model, f"{name}.{child}")]
+
+
 def fsdp_units(model: torch.nn.Module) -> list[str]:
     """Names of the modules that become units, deepest first (an inner unit is sharded before its parent),
     in the same order on every process."""
     from timm.models import group_modules
 
     groups = group_modules(model, model.group_matcher(coarse=False))
-    units = {_common_prefix(names) for names in groups.values()} - {""}
+    units = {unit for names in groups.values() if (prefix := _common_prefix(names)) for unit in _called(model, prefix)}
     return sorted(units, key=lambda name: (-name.count("."), name))
+
+
+def _own_output(module, args, output):
+    """A unit that returns a view (ConvNeXt's stem ends in a permute) gets a copy instead: FSDP2 hangs its
+    pre-backward hook on the output, and an in-place op on a view would drop it (torch warns of this)."""
+    if isinstance(output, torch.Tensor) and output._is_view():
+        return output.clone()
+    return None
 
 
 def is_fsdp(model: torch.nn.Module) -> bool:
@@ -83,6 +105,7 @@ def shard_model(model: torch.nn.Module, precision: str, reshard_after_forward: b
         if compile_mode is not None:  # per block, in place, before sharding (torchtitan's order)
             unit.compile(mode=None if compile_mode == "default" else compile_mode)
         fully_shard(unit, mp_policy=blocks, reshard_after_forward=reshard_after_forward, offload_policy=offload)
+        unit.register_forward_hook(_own_output, prepend=True)  # before FSDP2's own post-forward hook
     fully_shard(model, mp_policy=blocks, reshard_after_forward=reshard_after_forward, offload_policy=offload)
     return model
 

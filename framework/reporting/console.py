@@ -15,6 +15,9 @@ Decided per line, by its exact text, where it is emitted (never a process-wide w
 - torch's "Grad strides do not match bucket view strides" UserWarning, raised in C++ from DDP's first
   backward (timm's CoAtNet under bf16 autocast gives a gradient a layout other than its parameter's):
   a note on the model's memory layout that no recipe key changes; ignored by its message only.
+- torch's "Found a non-scalar tensor with numel=1" UserWarning under FSDP2 in fp16: torch's own
+  ShardedGradScaler hands its one-element inf flag to the DTensor gradients' unscale op, which
+  replicates it (the right result) and warns; ignored by its message only.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ LOGGER_LINES = {
     "DeepSpeed": ("You are using ZeRO with an untested optimizer",),
 }
 PRINTED_LINES = ("built successfully",)
-WARNING_MESSAGES = ("Grad strides do not match bucket view strides",)
+WARNING_MESSAGES = ("Grad strides do not match bucket view strides", "Found a non-scalar tensor with numel=1")
 
 
 class _DropText(logging.Filter):

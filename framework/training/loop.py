@@ -24,7 +24,7 @@ from framework.data.loaders import create_datasets, create_loaders, resolve_run_
 from framework.data.mixup import MixupStream, create_mixup
 from framework.data.sampling import seed_process_streams
 from framework.distributed.faults import StepControl
-from framework.distributed.fsdp import gradient_sync, shard_model
+from framework.distributed.fsdp import gradient_sync
 from framework.recipe.resolve import recipe_to_dict
 from framework.recipe.schema import Recipe
 from framework.reporting.console import dropping_prints, quiet_libraries
@@ -52,7 +52,7 @@ from framework.training.losses import CrossEntropy, create_loss
 from framework.training.model_folder import ModelExporter, Weights, hardware
 from framework.training.models import create_model
 from framework.training.precision_probe import check_precision_speed
-from framework.training.speed import apply_speed_options
+from framework.training.speed import apply_model_options
 
 
 class Interrupted(SystemExit):
@@ -207,11 +207,7 @@ def train(recipe: Recipe) -> dict:
     model = bn_mode.convert(model, cuda)
     if (line := check_precision_speed(model.to(device), recipe, precision, device)) and accelerator.is_main_process:
         print(line, flush=True)  # 16-bit several times slower than fp32 here (a CPU without bf16/fp16 units)
-    m, fsdp = recipe.model, recipe.backend.type == "fsdp"
-    compile_mode = m.compile_mode if m.compile else None
-    apply_speed_options(model, m.channels_last, m.grad_checkpointing, None if fsdp else compile_mode)
-    if fsdp:  # per block, in place (compiled per block too); Accelerate wraps nothing (framework/distributed/fsdp.py)
-        shard_model(model, precision, recipe.backend.reshard_after_forward, recipe.backend.offload_params, compile_mode)
+    fsdp = apply_model_options(model, recipe.model, recipe.backend, precision)  # FSDP2: sharded here, not by Accelerate
     seed_process_streams(recipe.seed, accelerator.process_index)  # identical weights above, own streams below
     pretrained = recipe.model.pretrained or recipe.model.pretrained_file is not None
     pipeline = resolve_run_pipeline(recipe.data, model, recipe.model.in_chans, pretrained)

@@ -57,3 +57,16 @@ def apply_speed_options(model: torch.nn.Module, channels_last: bool, grad_checkp
         enable_grad_checkpointing(model)
     if compile_mode is not None:
         model.compile(mode=None if compile_mode == "default" else compile_mode)
+
+
+def apply_model_options(model: torch.nn.Module, cfg, backend, precision: str) -> bool:
+    """The recipe's speed options, then under FSDP2 the sharding (framework/distributed/fsdp.py), which compiles
+    each unit before sharding it instead of the whole model. Returns whether the model is FSDP2's."""
+    compile_mode = cfg.compile_mode if cfg.compile else None
+    fsdp = backend.type == "fsdp"
+    apply_speed_options(model, cfg.channels_last, cfg.grad_checkpointing, None if fsdp else compile_mode)
+    if fsdp:
+        from framework.distributed.fsdp import shard_model
+
+        shard_model(model, precision, backend.reshard_after_forward, backend.offload_params, compile_mode)
+    return fsdp
