@@ -35,8 +35,8 @@ STATS = ("running_mean", "running_var")
 @pytest.fixture(scope="module")
 def fsdp_run(tmp_path_factory) -> tuple:
     out = tmp_path_factory.mktemp("fsdp") / "run"
-    # export.best adds the best epoch's averaged weights, gathered mid-run; training is the same as without it
-    proc = launch([*REFERENCE_ARGS, *FSDP, *CKPT, "export.best=eval/averaged/recompute/top1", f"output.dir={out}"],
+    # export.best adds the best epoch's live weights, gathered mid-run; training is the same as without it
+    proc = launch([*REFERENCE_ARGS, *FSDP, *CKPT, "export.best=eval/online/top1", f"output.dir={out}"],
                   nproc=2, cwd=out.parent)
     check_ok(proc)
     return out, proc
@@ -89,7 +89,7 @@ def test_fsdp_matches_ddp_on_test_vit_with_ema_accumulation_and_clipping(tmp_pat
     clipping over the shards, and layer decay (timm's parameter groups by name, on the sharded model)."""
     args = [*REFERENCE_ARGS, "model.name=test_vit", "data.image_size=48",
             "averaging.strategy=ema", "optimizer.accumulate_steps=2", "optimizer.clip_grad=0.5", "optimizer.lr=0.05",
-            "optimizer.layer_decay=0.75", "averaging.offload=true"]
+            "optimizer.layer_decay=0.75", "averaging.offload=true", "export.best=eval/averaged/none/top1"]
     runs = {}
     for name, extra in (("ddp", []), ("fsdp", FSDP)):
         runs[name] = tmp_path / name
@@ -102,6 +102,8 @@ def test_fsdp_matches_ddp_on_test_vit_with_ema_accumulation_and_clipping(tmp_pat
     assert list(fsdp["eval"]["averaged"]) == ["none"]
     assert fsdp["eval"]["averaged"]["none"]["top1"] == pytest.approx(ddp["eval"]["averaged"]["none"]["top1"], abs=1e-9)
     assert fsdp["throughput"]["averaging_comm_bytes_per_update"] == 0
+    # the best epoch's averaged weights, swapped into the shards and gathered mid-run, as DDP exported them
+    assert _weights(runs["ddp"], runs["fsdp"], "best") < 1e-5
 
 
 @pytest.mark.parametrize("target", ["worker-sigterm", "launcher-sigkill"])
