@@ -87,7 +87,7 @@ def test_fsdp_matches_ddp_with_sync_bn_and_swa(reference_run, fsdp_run):
 def test_fsdp_matches_ddp_on_test_vit_with_ema_accumulation_and_clipping(tmp_path):
     """LayerNorm, EMA (its fp32 copy offloaded), 2 batches per update (no reduce-scatter on the inner one), norm
     clipping over the shards, and layer decay (timm's parameter groups by name, on the sharded model)."""
-    args = [*REFERENCE_ARGS, "model.name=test_vit", "data.image_size=48",
+    args = [*REFERENCE_ARGS, "model.name=test_vit", "data.image_size=48", "schedule.epochs=1", "schedule.warmup_epochs=0",
             "averaging.strategy=ema", "optimizer.accumulate_steps=2", "optimizer.clip_grad=0.5", "optimizer.lr=0.05",
             "optimizer.layer_decay=0.75", "averaging.offload=true", "export.best=eval/averaged/none/top1"]
     runs = {}
@@ -149,12 +149,13 @@ def test_fsdp_resumes_on_one_process_through_dcp_resharding(fsdp_run, tmp_path):
 
 
 def test_fsdp_one_process_checkpoint_resumes_on_two(tmp_path):
+    short = [*REFERENCE_ARGS, *FSDP, "schedule.epochs=1", "schedule.warmup_epochs=0", "data.train_subset=640"]
     one = tmp_path / "one"
-    check_ok(launch([*REFERENCE_ARGS, *FSDP, "checkpoint.every=1", f"output.dir={one}"], nproc=1, cwd=tmp_path))
+    check_ok(launch([*short, "checkpoint.every=1", f"output.dir={one}"], nproc=1, cwd=tmp_path))
     ckpt = sorted((one / "checkpoints").glob("epoch-*"))[-1]
     assert json.loads((ckpt / "manifest.json").read_text())["world_size"] == 1
     two = tmp_path / "two"
-    proc = launch([*REFERENCE_ARGS, *FSDP, f"output.dir={two}", f"resume={ckpt}"], nproc=2, cwd=tmp_path)
+    proc = launch([*short, f"output.dir={two}", f"resume={ckpt}"], nproc=2, cwd=tmp_path)
     check_ok(proc)
     assert "world size 2 (was 1)" in proc.stdout
     assert _weights(one, two, "online") == 0.0

@@ -29,6 +29,8 @@ ARGS = REFERENCE_ARGS
 
 @pytest.mark.parametrize("target", ["worker", "launcher"])
 def test_sigterm_at_a_random_step_then_resume_is_bit_identical(reference_run, tmp_path, target):
+    """Also the same seed's losses across launches: the run up to the stop is a second launch of the reference
+    recipe (this replaced a test that launched the reference again only to compare its losses)."""
     out = tmp_path / "run"
     proc = start_launch(ARGS, out, EVERY_UPDATE)
     workers = wait_workers(proc)
