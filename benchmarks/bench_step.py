@@ -59,6 +59,25 @@ def hand_written_steps(model, optimizer, accelerator, loader, steps: int, autoca
     return time.perf_counter() - start
 
 
+def hand_written_deepspeed_steps(engine, loader, steps: int, loss_fn, device) -> float:
+    """DeepSpeed's own loop (its docs' `engine(x)`, `engine.backward`, `engine.step`; the engine counts the
+    accumulation). Returns seconds."""
+    from framework.training.loop import _sync
+
+    engine.train()
+    dtype = next(engine.module.parameters()).dtype
+    _sync(device)
+    start = time.perf_counter()
+    for i, (images, targets) in enumerate(loader):
+        if i == steps:
+            break
+        loss = loss_fn(engine(images.to(device, dtype)), targets.to(device))
+        engine.backward(loss)
+        engine.step()
+    _sync(device)
+    return time.perf_counter() - start
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=6)
@@ -112,7 +131,19 @@ def main() -> int:
     global_batch = recipe.data.batch_size * accelerator.num_processes
     opt_ours = create_optimizer(recipe.optimizer, ours, global_batch)
     opt_theirs = create_optimizer(recipe.optimizer, theirs, global_batch)
-    if not fsdp:
+    deepspeed = recipe.backend.type == "deepspeed"
+    if deepspeed:  # Accelerate takes one DeepSpeed model per accelerator: the hand-written side is DeepSpeed's own
+        import deepspeed as ds
+
+        from framework.training.builders import create_deepspeed_config
+
+        ours, opt_ours = accelerator.prepare(ours, opt_ours)
+        config = create_deepspeed_config(recipe.backend, recipe.data.batch_size, recipe.optimizer.clip_grad,
+                                         recipe.optimizer.accumulate_steps)
+        config.update({k: {**config[k], "enabled": precision == k} for k in ("bf16", "fp16") if k in config})
+        config["zero_allow_untested_optimizer"] = True  # the recipe's timm optimizer, as Accelerate allows it
+        theirs, opt_theirs, _, _ = ds.initialize(model=theirs, optimizer=opt_theirs, config=config)
+    elif not fsdp:
         ours, opt_ours, theirs, opt_theirs = accelerator.prepare(ours, opt_ours, theirs, opt_theirs)
     # the framework's step as training runs it: with the recipe's averaging and its BN sources listening
     view = create_view(accelerator, ours)
@@ -144,6 +175,8 @@ def main() -> int:
         return train_one_epoch(state, loaders.train, max_steps=steps)["seconds"]
 
     def run_theirs() -> float:
+        if deepspeed:
+            return hand_written_deepspeed_steps(theirs, loaders.train, steps, their_loss, accelerator.device)
         return hand_written_steps(theirs, opt_theirs, accelerator, loaders.train, steps, plain.autocast, plain.scaler,
                                   their_loss, their_mixup and their_mixup.mixup, accumulate, m.channels_last)
 
