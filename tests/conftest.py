@@ -17,6 +17,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 ENTRY = ROOT / "launch" / "train.py"
 ACCELERATE = Path(sys.executable).parent / "accelerate"
+# `accelerate launch` itself, as `bnswa train` runs it: `python -m accelerate.commands.launch` skips the imports the
+# `accelerate` CLI makes for its other subcommands (`estimate` imports timm and transformers), about 4 s a launch
+# here. The `accelerate` binary is still run as users type it by test_multinode.py and test_sweeps.py.
+LAUNCH = [sys.executable, "-m", "accelerate.commands.launch"]
 
 
 def clean_env(**extra) -> dict:
@@ -33,14 +37,14 @@ def free_port() -> int:
 
 def launch(args: list[str], nproc: int, cwd: Path, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
     """`accelerate launch --config_file accelerate_config.yaml --num_processes N launch/train.py ARGS`."""
-    cmd = [str(ACCELERATE), "launch", "--config_file", str(ROOT / "accelerate_config.yaml"),
-           "--num_processes", str(nproc), "--main_process_port", str(free_port()), str(ENTRY), *args]
+    cmd = [*LAUNCH, "--config_file", str(ROOT / "accelerate_config.yaml"), "--num_processes", str(nproc),
+           "--main_process_port", str(free_port()), str(ENTRY), *args]
     return subprocess.run(cmd, cwd=cwd, env=env or clean_env(), capture_output=True, text=True, timeout=timeout)
 
 
 def start_launch(args: list[str], out: Path, extra=(), launcher=()) -> subprocess.Popen:
     """A 2-process launch left running, for tests that signal it."""
-    cmd = [str(ACCELERATE), "launch", *launcher, "--config_file", str(ROOT / "accelerate_config.yaml"), "--main_process_port",
+    cmd = [*LAUNCH, *launcher, "--config_file", str(ROOT / "accelerate_config.yaml"), "--main_process_port",
            str(free_port()), str(ENTRY), *args, f"output.dir={out}", *extra]
     return subprocess.Popen(cmd, cwd=out.parent, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
