@@ -101,11 +101,9 @@ class FSDPState:
             _split(live[key], key, targets)
         for name, averager in averagers.items():
             _split(self._averaged(averager.avg.tensors()), f"averager.{name}", targets)
-        wanted = {k: v for k, v in targets.items() if k.startswith(("params.", "averager."))}
-        # the optimizer's state tensors are read into fresh tensors of the same layout, set below
-        optim = {k: torch.empty_like(v) for k, v in targets.items() if k.startswith("optimizer.")}
-        dcp.load({**wanted, **optim}, storage_reader=HuggingFaceStorageReader(str(path / DCP_FOLDER)))
-        loaded = {**wanted, **optim}
+        # parameters and averages are read in place; the optimizer's state into fresh tensors, set below
+        loaded = {k: torch.empty_like(v) if k.startswith("optimizer.") else v for k, v in targets.items()}
+        dcp.load(loaded, storage_reader=HuggingFaceStorageReader(str(path / DCP_FOLDER)))
         from framework.distributed.fsdp import local
 
         saved = dict(saved)
